@@ -1,0 +1,253 @@
+"""The on-device runtime: open an artifact, plan ranks for a memory budget, run.
+
+>>> rt = Runtime.load("model.stn", mem_limit="50%")          # doctest: +SKIP
+>>> print(rt.plan.table())                                     # doctest: +SKIP
+>>> y = rt.run({"input": x})["logits"]                         # doctest: +SKIP
+>>> rt.rescale(mem_limit="25%")                                # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, BinaryIO, Mapping
+
+import numpy as np
+
+from stn_edge.device.backends import Backend, Executable, available_backends, get_backend
+from stn_edge.errors import ArtifactError, BackendError, InputError
+from stn_edge.format import ArtifactReader
+from stn_edge.graph import DTYPES, Graph, graph_from_dict
+from stn_edge.lowering import lower
+from stn_edge.plan import Plan, ladder_specs, parse_budget, plan_ranks
+
+#: engines tried by ``backend="auto"``, fastest first on CPU
+_AUTO_ORDER = ("onnxruntime", "numpy")
+
+
+class Runtime:
+    """A model loaded from an artifact at a memory budget, ready to run on one backend.
+
+    Create it with :meth:`load`. ``plan`` says what each layer holds; ``bytes_read`` counts the
+    artifact bytes read so far; ``rescale`` moves to another budget without reopening the file.
+    """
+
+    def __init__(self, reader: ArtifactReader, backend: Backend, device: str, backend_reason: str):
+        self._reader = reader
+        self._backend = backend
+        self.device = device
+        self.backend_reason = backend_reason
+        header = reader.header
+        self.layers: list[dict[str, Any]] = header["layers"]
+        self.full_bytes = int(header["full_bytes"])
+        try:
+            self._template = graph_from_dict(header["model"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{reader.name}: model graph is malformed ({exc})") from None
+        self._check_graph()
+        self._specs, self._fixed_bytes = ladder_specs(reader)
+        self._tensors: dict[str, np.ndarray] | None = None
+        self._held: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._exe: Executable | None = None
+        self.plan: Plan | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def load(
+        cls,
+        source: str | os.PathLike | bytes | BinaryIO,
+        mem_limit: int | float | str | None = None,
+        backend: str = "auto",
+        device: str = "cpu",
+        verify: bool = True,
+    ) -> "Runtime":
+        """Open ``source`` and prepare it to run within ``mem_limit``.
+
+        Parameters
+        ----------
+        source : path, bytes or binary file object of a ``.stn`` artifact.
+        mem_limit : bytes of weights to hold: an int, ``"12MB"``, ``"3MiB"``, ``"35%"`` of the full
+            model, or None for the full model. A budget below the smallest feasible model raises
+            :class:`~stn_edge.errors.BudgetError` stating that smallest budget.
+        backend : ``"numpy"``, ``"onnxruntime"``, ... or ``"auto"`` (fastest installed engine).
+        device : ``"cpu"`` or ``"cuda"`` where the backend supports it.
+        verify : check the SHA-256 of every block read.
+        """
+        reader = ArtifactReader(source, verify=verify)
+        try:
+            engine, reason = _choose_backend(backend, device)
+            rt = cls(reader, engine, device, reason)
+            rt.rescale(mem_limit)
+        except BaseException:
+            reader.close()
+            raise
+        return rt
+
+    def _check_graph(self) -> None:
+        names = {n.name for n in self._template.nodes}
+        tensors = self._reader.header["tensors"]
+        for l in self.layers:
+            if l["node"] not in names:
+                raise ArtifactError(f"{self._reader.name}: layer {l['name']!r} points at missing node {l['node']!r}")
+            if l["weight"] in tensors:
+                raise ArtifactError(f"{self._reader.name}: layer weight {l['weight']!r} is also stored as a dense tensor")
+
+    # ------------------------------------------------------------------ planning
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend that runs this model."""
+        return self._backend.name
+
+    @property
+    def bytes_read(self) -> int:
+        """Artifact bytes read so far (header included)."""
+        return self._reader.bytes_read
+
+    @property
+    def header(self) -> dict[str, Any]:
+        return self._reader.header
+
+    def plan_for(self, mem_limit: int | float | str | None) -> Plan:
+        """The plan a budget would get, without loading anything."""
+        budget = parse_budget(mem_limit, self.full_bytes)
+        return plan_ranks(self._specs, self._fixed_bytes, budget, self.full_bytes)
+
+    def rescale(self, mem_limit: int | float | str | None) -> Plan:
+        """Move to the plan for ``mem_limit`` without reopening the artifact.
+
+        Going down drops factor rows (and frees them); going up reads only the missing rows. Calls
+        to :meth:`run` from other threads run entirely on the old plan or entirely on the new one.
+        """
+        plan = self.plan_for(mem_limit)
+        with self._lock:
+            if self._tensors is None:
+                self._tensors = {k: self._reader.read_array(r) for k, r in self.header["tensors"].items()}
+            held = {layer["name"]: self._hold(layer, plan.choice(layer["name"])) for layer in self.layers}
+            graph = lower(Graph(self._template.nodes, self._template.inputs, self._template.outputs,
+                                self._tensors, self._template.opset), self.layers, held)
+            exe = self._backend.prepare(graph, self.device)
+            self._held, self._exe, self.plan = held, exe, plan
+        return plan
+
+    def _hold(self, layer: dict[str, Any], choice: Any) -> Any:
+        """The arrays ``layer`` needs for ``choice``, reusing what is already held."""
+        old = self._held.get(layer["name"])
+        if choice.dense:
+            return old if isinstance(old, np.ndarray) else self._reader.read_array(layer["dense"])
+        factors = layer["factors"]
+        segments = choice.level + 1
+        rank = layer["ladder"]["ranks"][choice.level]
+        if isinstance(old, dict):
+            have = next(iter(old.values())).shape[0]
+            if have >= rank:  # going down: copy the prefix so the dropped rows are freed
+                return {k: v[:rank].copy() if have > rank else v for k, v in old.items()}
+            done = layer["ladder"]["ranks"].index(have) + 1
+            return {k: np.concatenate([old[k], self._reader.read_rows(ref, done, segments)]) for k, ref in factors.items()}
+        return {k: self._reader.read_rows(ref, 0, segments) for k, ref in factors.items()}
+
+    # ------------------------------------------------------------------ running
+
+    @property
+    def input_names(self) -> list[str]:
+        return [v.name for v in self._template.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [v.name for v in self._template.outputs]
+
+    def run(self, inputs: Mapping[str, np.ndarray] | np.ndarray | list | tuple) -> dict[str, np.ndarray]:
+        """Run the model; return ``{output name: array}``.
+
+        ``inputs`` is a mapping of input name to array, or (for convenience) one array per model
+        input in declaration order. Shapes and dtypes are checked against the artifact.
+        """
+        feeds = self._feeds(inputs)
+        exe = self._exe  # one read: a concurrent rescale swaps the whole executable
+        return exe.run(feeds)
+
+    __call__ = run
+
+    def _feeds(self, inputs: Any) -> dict[str, np.ndarray]:
+        specs = self._template.inputs
+        if isinstance(inputs, Mapping):
+            unknown = set(inputs) - {s.name for s in specs}
+            if unknown:
+                raise InputError(f"unknown input(s) {sorted(unknown)}; the model takes {[s.name for s in specs]}")
+            feeds = dict(inputs)
+        else:
+            arrays = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+            if len(arrays) != len(specs):
+                raise InputError(f"the model takes {len(specs)} input(s) {[s.name for s in specs]}, got {len(arrays)}")
+            feeds = {s.name: a for s, a in zip(specs, arrays)}
+        for spec in specs:
+            if spec.name not in feeds:
+                raise InputError(f"missing input {spec.name!r} (shape {spec.shape}, {spec.dtype})")
+            arr = np.asarray(feeds[spec.name])
+            want = DTYPES[spec.dtype]
+            if arr.dtype != want:
+                if arr.dtype.kind == want.kind and np.can_cast(arr.dtype, want, "same_kind"):
+                    arr = arr.astype(want)
+                else:
+                    raise InputError(f"input {spec.name!r} has dtype {arr.dtype}, the model expects {spec.dtype}")
+            if arr.ndim != len(spec.shape) or any(
+                isinstance(d, int) and d != s for d, s in zip(spec.shape, arr.shape)
+            ):
+                raise InputError(f"input {spec.name!r} has shape {list(arr.shape)}, the model expects {spec.shape}")
+            feeds[spec.name] = np.ascontiguousarray(arr)
+        return feeds
+
+    # ------------------------------------------------------------------ checking
+
+    def verify(self) -> dict[str, float]:
+        """Run the artifact's calibration set; return the largest relative error per output.
+
+        The reference outputs were computed by the original model at full rank on the host, so at
+        a smaller budget the error includes the truncation's effect, not only the backend's.
+        """
+        cal = self.header.get("calibration")
+        if not cal:
+            raise ArtifactError(f"{self._reader.name}: the artifact holds no calibration set")
+        inputs = {k: self._reader.read_array(r) for k, r in cal["inputs"].items()}
+        refs = {k: self._reader.read_array(r) for k, r in cal["outputs"].items()}
+        out = self.run(inputs)
+        return {k: relative_error(out[k], ref) for k, ref in refs.items()}
+
+    def close(self) -> None:
+        """Close the artifact file."""
+        self._reader.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        plan = self.plan.summary() if self.plan else "no plan"
+        return f"Runtime({self._reader.name!r}, backend={self.backend!r}, device={self.device!r}: {plan})"
+
+
+def relative_error(x: np.ndarray, ref: np.ndarray) -> float:
+    """``max|x - ref| / max(max|ref|, tiny)``: the error measure used by ``verify``."""
+    x = np.asarray(x, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if x.shape != ref.shape:
+        return float("inf")
+    return float(np.max(np.abs(x - ref), initial=0.0) / max(np.max(np.abs(ref), initial=0.0), 1e-12))
+
+
+def _choose_backend(name: str, device: str) -> tuple[Backend, str]:
+    if name != "auto":
+        return get_backend(name, device), f"requested {name!r}"
+    for candidate in _AUTO_ORDER:
+        try:
+            engine = get_backend(candidate, device)
+        except BackendError:
+            continue
+        return engine, f"auto: {candidate} is the fastest engine installed for {device}"
+    raise BackendError(
+        f"no backend can run on device {device!r}; installed for cpu: {', '.join(available_backends('cpu')) or 'none'}"
+    )

@@ -1,0 +1,9 @@
+"""The host side of stn-edge: capture, train with a low-rank regularizer, decompose, bake.
+
+Needs the ``host`` extra (torch, tensorly, onnx, onnxruntime).
+"""
+from stn_edge.host.bake import BakeReport, bake
+from stn_edge.host.export import capture, export_onnx
+from stn_edge.host.regularizer import LowRankRegularizer
+
+__all__ = ["BakeReport", "LowRankRegularizer", "bake", "capture", "export_onnx"]

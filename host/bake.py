@@ -1,0 +1,214 @@
+"""Bake: capture a model, decompose every eligible layer at maximal rank, score, write one artifact."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from stn_edge import __version__
+from stn_edge.errors import CaptureError
+from stn_edge.format import ArtifactBuilder
+from stn_edge.graph import Graph, graph_to_dict
+from stn_edge.host.decompositions.svd import break_even_rank, ladder_ranks, svd_factors
+from stn_edge.host.export import capture
+from stn_edge.host.importance import score_truncations
+from stn_edge.host.layers import Candidate, Skipped, find_layers
+from stn_edge.lowering import reconstruct
+from stn_edge.plan import format_bytes, format_table
+
+#: calibration samples stored in the artifact for on-device verification
+STORED_CALIBRATION = 8
+
+
+@dataclass
+class BakedLayer:
+    name: str
+    family: str
+    shape: tuple[int, ...]
+    max_rank: int
+    ladder_ranks: list[int]
+    dense_bytes: int
+
+
+@dataclass
+class BakeReport:
+    """What :func:`bake` wrote."""
+
+    path: str
+    artifact_bytes: int
+    full_bytes: int
+    layers: list[BakedLayer] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rows = [("layer", "family", "shape", "ladder ranks", "dense bytes")]
+        for l in self.layers:
+            rows.append((l.name, l.family, "x".join(map(str, l.shape)),
+                         f"{l.ladder_ranks[0]}..{l.ladder_ranks[-1]} ({len(l.ladder_ranks)} levels, rank {l.max_rank})",
+                         format_bytes(l.dense_bytes)))
+        for s in self.skipped:
+            rows.append((s.weight, "dense", "", s.reason, ""))
+        return (format_table(rows) + f"\n{self.path}: {format_bytes(self.artifact_bytes)} artifact, "
+                f"{format_bytes(self.full_bytes)} dense model, {len(self.layers)} layers factorized, baked in {self.seconds:.1f} s")
+
+
+def _progress_printer(enabled: bool) -> Callable[[str], None]:
+    def say(msg: str) -> None:
+        if enabled:
+            print(f"[bake] {msg}", file=sys.stderr, flush=True)
+    return say
+
+
+def _as_numpy_batch(x: Any) -> list[np.ndarray]:
+    items = x if isinstance(x, (tuple, list)) else (x,)
+    out = []
+    for t in items:
+        out.append(t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t))
+    return out
+
+
+def bake(
+    model: Any,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    *,
+    calibration: Any = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    levels: int = 32,
+    importance: str = "data",
+    min_bytes: int = 4096,
+    progress: bool = True,
+) -> BakeReport:
+    """Bake ``model`` into one ``.stn`` artifact at ``path``.
+
+    Parameters
+    ----------
+    model : a ``torch.nn.Module``, ONNX bytes, or a path to an ``.onnx`` file.
+    example_inputs : a tensor or tuple of tensors with the model's input shapes (batch axis 0).
+    calibration : inputs (same structure as ``example_inputs``, any batch size) used to score each
+        truncation level by its effect on the output, and whose first samples are stored in the
+        artifact with reference outputs. Defaults to ``example_inputs``.
+    levels : truncation levels per layer in the ladder (at most).
+    importance : ``"data"`` (measured output error) or ``"spectral"`` (discarded singular energy).
+
+    The artifact is written atomically: a failed bake leaves nothing at ``path``.
+    """
+    t0 = time.perf_counter()
+    say = _progress_printer(progress)
+    say("capturing the graph")
+    graph = capture(model, example_inputs, input_names=input_names, output_names=output_names) \
+        if not isinstance(model, (str, os.PathLike, bytes)) else capture(model)
+    cal_inputs = _as_numpy_batch(calibration if calibration is not None else example_inputs)
+    if len(cal_inputs) != len(graph.inputs):
+        raise CaptureError(f"calibration has {len(cal_inputs)} input(s), the model takes {len(graph.inputs)}")
+    feeds = {v.name: a for v, a in zip(graph.inputs, cal_inputs)}
+    candidates, skipped = find_layers(graph, min_bytes=min_bytes)
+    say(f"{len(candidates)} layers to factorize, {len(skipped)} kept dense")
+    decomposed = []
+    for i, cand in enumerate(candidates):
+        decomposed.append(_decompose(cand, graph.initializers[cand.weight], levels))
+        say(f"decomposed {i + 1}/{len(candidates)}: {cand.weight} {decomposed[-1]['meta']['dense']['shape']}")
+    if importance == "data" and decomposed:
+        say(f"scoring {sum(len(d['ranks']) for d in decomposed)} truncation levels on {len(cal_inputs[0])} calibration samples")
+        losses = score_truncations(
+            graph, feeds, [(d["meta"]["weight"], [d["truncated"](j) for j in range(len(d["ranks"]))]) for d in decomposed],
+            progress=lambda k, n: say(f"scored {k}/{n}"),
+        )
+    elif importance in ("data", "spectral"):
+        losses = [d["spectral_loss"] for d in decomposed]
+    else:
+        raise ValueError(f"importance must be 'data' or 'spectral', not {importance!r}")
+    reference = _reference_outputs(model, graph, feeds)
+    header, builder = _assemble(graph, decomposed, losses, skipped, feeds, reference)
+    say(f"writing {path}")
+    size = builder.write(path, header)
+    report = BakeReport(
+        path=str(path), artifact_bytes=size, full_bytes=header["full_bytes"], skipped=skipped,
+        layers=[BakedLayer(d["meta"]["name"], "svd", tuple(d["meta"]["dense"]["shape"]), d["meta"]["max_rank"],
+                           d["ranks"], int(graph.initializers[d["meta"]["weight"]].nbytes)) for d in decomposed],
+        seconds=time.perf_counter() - t0,
+    )
+    say(f"done in {report.seconds:.1f} s")
+    return report
+
+
+def _decompose(cand: Candidate, w: np.ndarray, levels: int) -> dict[str, Any]:
+    mat = cand.matrix(w)
+    m, n = mat.shape
+    top = break_even_rank(m, n)
+    a, b, s = svd_factors(mat, top)
+    if cand.kind == "conv":
+        a = a.reshape(top, *w.shape[1:])
+    ranks = ladder_ranks(top, levels)
+    energy = float(np.sum(s.astype(np.float64) ** 2)) or 1.0
+    meta = {
+        "name": cand.weight, "weight": cand.weight, "node": cand.node.name, "kind": cand.kind, "family": "svd",
+        "layout": cand.layout, "structure": {"matricization": "out | in*kernel"}, "max_rank": int(min(m, n)),
+        "dense": {"shape": list(w.shape)},
+    }
+
+    def truncated(j: int) -> np.ndarray:
+        k = ranks[j]
+        return reconstruct(meta, {"a": a[:k], "b": b[:k]})
+
+    return {
+        "meta": meta, "a": a, "b": b, "ranks": ranks, "truncated": truncated, "dense": w,
+        "spectral_loss": [float(np.sum(s[k:].astype(np.float64) ** 2) / energy) for k in ranks],
+    }
+
+
+def _reference_outputs(model: Any, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Full-rank outputs of the original model on the stored calibration samples."""
+    stored = {k: v[:STORED_CALIBRATION] for k, v in feeds.items()}
+    names = [o.name for o in graph.outputs]
+    if hasattr(model, "forward"):
+        import torch
+
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(*[torch.from_numpy(np.ascontiguousarray(stored[v.name])) for v in graph.inputs])
+        model.train(was)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: o.detach().cpu().numpy() for n, o in zip(names, outs)}
+    from stn_edge.device.backends import get_backend
+
+    return get_backend("numpy").prepare(graph).run(stored)
+
+
+def _assemble(graph, decomposed, losses, skipped, feeds, reference) -> tuple[dict[str, Any], ArtifactBuilder]:
+    builder = ArtifactBuilder()
+    layer_weights = {d["meta"]["weight"] for d in decomposed}
+    tensors = {k: builder.add_array(v) for k, v in graph.initializers.items() if k not in layer_weights}
+    layers = []
+    for d, loss in zip(decomposed, losses):
+        meta = dict(d["meta"])
+        meta["dense"] = builder.add_array(d["dense"])
+        meta["factors"] = {"a": builder.add_rows(d["a"], d["ranks"]), "b": builder.add_rows(d["b"], d["ranks"])}
+        meta["ladder"] = {
+            "ranks": d["ranks"],
+            "bytes": [int((d["a"][:k].nbytes + d["b"][:k].nbytes)) for k in d["ranks"]],
+            "loss": [float(x) for x in loss],
+        }
+        layers.append(meta)
+    stored = {k: v[:STORED_CALIBRATION] for k, v in feeds.items()}
+    header = {
+        "producer": f"stn-edge {__version__}",
+        "model": graph_to_dict(Graph(graph.nodes, graph.inputs, graph.outputs, {}, graph.opset)),
+        "tensors": tensors,
+        "layers": layers,
+        "skipped": [{"weight": s.weight, "node": s.node, "reason": s.reason} for s in skipped],
+        "calibration": {
+            "inputs": {k: builder.add_array(np.ascontiguousarray(v)) for k, v in stored.items()},
+            "outputs": {k: builder.add_array(np.ascontiguousarray(v)) for k, v in reference.items()},
+        },
+        "full_bytes": int(sum(v.nbytes for v in graph.initializers.values())),
+    }
+    return header, builder

@@ -1,0 +1,83 @@
+"""Find the weights worth factorizing in a captured graph, and say why the others are not."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from stn_edge.graph import Graph, Node
+from stn_edge.host.decompositions.svd import break_even_rank
+
+#: weights smaller than this stay dense: the extra op costs more time than the bytes saved are worth
+MIN_FACTOR_BYTES = 4096
+
+
+@dataclass
+class Candidate:
+    """A weight that can be factorized: the node using it, its kind and its matricization."""
+
+    node: Node
+    weight: str
+    kind: str  # "conv" or "linear"
+    layout: str  # "conv", "out_in" (Gemm transB=1) or "in_out" (MatMul, Gemm transB=0)
+
+    def matrix(self, w: np.ndarray) -> np.ndarray:
+        """The weight as ``(out, in * kernel)``: the matricization SVD factorizes."""
+        if self.layout == "in_out":
+            return w.T
+        return w.reshape(w.shape[0], -1)
+
+
+@dataclass
+class Skipped:
+    """A weight left dense, and why."""
+
+    weight: str
+    node: str
+    reason: str
+
+
+def find_layers(graph: Graph, min_bytes: int = MIN_FACTOR_BYTES) -> tuple[list[Candidate], list[Skipped]]:
+    """Every Conv/Gemm/MatMul weight in ``graph``: the factorizable ones and the skipped ones."""
+    found: list[Candidate] = []
+    skipped: list[Skipped] = []
+    inits = graph.initializers
+    for node in graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if weight not in inits:
+            continue
+        w = inits[weight]
+        reason = _why_not(graph, node, w, min_bytes)
+        if reason:
+            skipped.append(Skipped(weight, node.name, reason))
+            continue
+        found.append(Candidate(node, weight, "conv" if node.op == "Conv" else "linear", _layout(node)))
+    return found, skipped
+
+
+def _layout(node: Node) -> str:
+    if node.op == "Conv":
+        return "conv"
+    return "out_in" if node.op == "Gemm" and node.attrs.get("transB", 0) else "in_out"
+
+
+def _why_not(graph: Graph, node: Node, w: np.ndarray, min_bytes: int) -> str:
+    if len(graph.consumers(node.inputs[1])) > 1:
+        return "shared weight (used by several nodes)"
+    if w.dtype.kind != "f":
+        return f"weight dtype {w.dtype} is not floating point"
+    if node.op == "Conv" and int(node.attrs.get("group", 1)) != 1:
+        return f"grouped convolution (group={node.attrs['group']})"
+    if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
+        return "Gemm with transA/alpha/beta is not factorized"
+    if node.op == "MatMul" and w.ndim != 2:
+        return f"batched MatMul weight of rank {w.ndim}"
+    if w.nbytes < min_bytes:
+        return f"too small ({w.nbytes} bytes < {min_bytes})"
+    m = w.shape[1] if _layout(node) == "in_out" else w.shape[0]
+    n = w.size // m
+    if break_even_rank(m, n) < 1:
+        return f"no byte saving at any rank ({m}x{n})"
+    return ""

@@ -1,0 +1,271 @@
+"""The ``stn-edge`` command line: bake | inspect | plan | run | verify | demo.
+
+Exit codes: 0 success, 1 verification failed, 2 usage error, and per error family: 3 artifact,
+4 budget, 5 backend, 6 input, 7 capture. Typed errors print one ``error:`` line, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from stn_edge import __version__
+from stn_edge.errors import InputError, STNError
+from stn_edge.plan import format_bytes, format_table
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, default=_json_default) if args.json else text)
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, bytes):
+        return x.hex()
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(type(x).__name__)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from stn_edge.format import ArtifactReader
+
+    with ArtifactReader(args.artifact) as r:
+        h = r.header
+        model = h["model"]
+        rows = [("layer", "family", "dense shape", "max rank", "ladder", "bytes at levels")]
+        for l in h["layers"]:
+            lad = l["ladder"]
+            rows.append((l["name"], l["family"], "x".join(map(str, l["dense"]["shape"])), str(l.get("max_rank", "")),
+                         f"{len(lad['ranks'])} levels, rank {lad['ranks'][0]}..{lad['ranks'][-1]}",
+                         f"{format_bytes(lad['bytes'][0])}..{format_bytes(lad['bytes'][-1])}"))
+        for s in h.get("skipped", []):
+            rows.append((s["weight"], "dense", "", "", s["reason"], ""))
+        ios = "; ".join(f"{v['name']} {v['shape']} {v['dtype']}" for v in model["inputs"])
+        outs = "; ".join(f"{v['name']} {v['shape']} {v['dtype']}" for v in model["outputs"])
+        text = (f"{args.artifact}: stn format {r.version[0]}.{r.version[1]}, {h.get('producer', '?')}\n"
+                f"inputs: {ios}\noutputs: {outs}\n{len(model['nodes'])} nodes, {len(h['layers'])} factorized layers, "
+                f"{len(h['tensors'])} dense tensors; full model {format_bytes(h['full_bytes'])}, "
+                f"file {format_bytes(r.data_start + r.data_size)}\n\n" + format_table(rows))
+        data = {
+            "version": list(r.version), "producer": h.get("producer"), "inputs": model["inputs"], "outputs": model["outputs"],
+            "nodes": len(model["nodes"]), "full_bytes": h["full_bytes"],
+            "layers": [{k: l[k] for k in ("name", "family", "kind", "node", "max_rank", "ladder", "structure") if k in l}
+                       | {"dense_shape": l["dense"]["shape"]} for l in h["layers"]],
+            "skipped": h.get("skipped", []),
+        }
+    _emit(args, data, text)
+    return 0
+
+
+def _runtime(args: argparse.Namespace):
+    from stn_edge.device import Runtime
+
+    return Runtime.load(args.artifact, mem_limit=args.mem_limit, backend=args.backend, device=args.device)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from stn_edge.format import ArtifactReader
+    from stn_edge.plan import plan_artifact
+
+    with ArtifactReader(args.artifact) as reader:
+        plan = plan_artifact(reader, args.mem_limit)
+    _emit(args, plan.to_dict(), plan.table())
+    return 0
+
+
+def _load_inputs(specs: Sequence[str], names: list[str]) -> dict[str, np.ndarray]:
+    feeds: dict[str, np.ndarray] = {}
+    for i, spec in enumerate(specs):
+        name, _, path = spec.rpartition("=")
+        if not name:
+            if i >= len(names):
+                raise InputError(f"more --input files than model inputs {names}")
+            name = names[i]
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"input file {path} does not exist")
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except Exception as exc:
+            raise InputError(f"{path} is not a readable .npy file ({exc})") from None
+        feeds[name] = arr
+    return feeds
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    with _runtime(args) as rt:
+        if args.input:
+            feeds = _load_inputs(args.input, rt.input_names)
+        else:
+            cal = rt.header.get("calibration") or {}
+            if not cal:
+                raise InputError("no --input given and the artifact has no calibration inputs to run")
+            feeds = {k: rt._reader.read_array(r) for k, r in cal["inputs"].items()}
+        out = rt.run(feeds)
+        if args.output:
+            np.savez(args.output, **out)
+        data = {"backend": rt.backend, "plan": rt.plan.to_dict(),
+                "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype), "mean": float(v.mean()), "std": float(v.std())}
+                            for k, v in out.items()}}
+        text = "\n".join(f"{k}: shape {list(v.shape)} {v.dtype}, mean {v.mean():.4g}, std {v.std():.4g}" for k, v in out.items())
+        text += f"\n({rt.backend}; {rt.plan.summary()})" + (f"\nwrote {args.output}" if args.output else "")
+    _emit(args, data, text)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with _runtime(args) as rt:
+        errors = rt.verify()
+        worst = max(errors.values(), default=0.0)
+        ok = worst <= args.tolerance
+        data = {"backend": rt.backend, "budget": rt.plan.budget, "bytes": rt.plan.total_bytes, "relative_error": errors,
+                "tolerance": args.tolerance, "ok": ok}
+        text = format_table([("output", "max relative error")] + [(k, f"{v:.3g}") for k, v in errors.items()])
+        text += f"\n{'OK' if ok else 'FAILED'}: worst {worst:.3g} vs tolerance {args.tolerance:g} ({rt.backend}, {rt.plan.summary()})"
+    _emit(args, data, text)
+    return 0 if ok else 1
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        raise InputError(f"--input-shape {text!r} must be integers like 1,3,32,32") from None
+    if not shape or min(shape) < 1:
+        raise InputError(f"--input-shape {text!r} must be positive integers like 1,3,32,32")
+    return shape
+
+
+def cmd_bake(args: argparse.Namespace) -> int:
+    import torch
+
+    from stn_edge.errors import CaptureError
+    from stn_edge.host import bake
+
+    if args.model.endswith(".onnx"):
+        model: Any = args.model
+        example = None
+    else:
+        mod_name, _, attr = args.model.partition(":")
+        if not attr:
+            raise CaptureError(f"model {args.model!r} must be 'package.module:factory' or a path to an .onnx file")
+        try:
+            factory = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise CaptureError(f"cannot import {args.model!r}: {exc}") from None
+        model = factory()
+        if args.weights:
+            try:
+                state = torch.load(args.weights, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise CaptureError(f"cannot read weights {args.weights}: {exc}") from None
+            model.load_state_dict(state)
+        model.eval()
+        if not args.input_shape:
+            raise InputError("--input-shape is required for a torch model (e.g. 1,3,32,32)")
+    shapes = [_parse_shape(s) for s in (args.input_shape or [])]
+    calibration = None
+    if args.calibration:
+        calibration = tuple(torch.from_numpy(np.load(p, allow_pickle=False)) for p in args.calibration)
+    if isinstance(model, str):
+        report = bake(model, None, args.output, calibration=calibration or tuple(torch.randn(*s) for s in shapes) or None,
+                      levels=args.levels, importance=args.importance, progress=not args.json)
+    else:
+        example = tuple(torch.randn(*s) for s in shapes)
+        report = bake(model, example if len(example) > 1 else example[0], args.output, calibration=calibration,
+                      levels=args.levels, importance=args.importance, progress=not args.json)
+    data = {"path": report.path, "artifact_bytes": report.artifact_bytes, "full_bytes": report.full_bytes,
+            "seconds": report.seconds, "layers": [vars(l) for l in report.layers], "skipped": [vars(s) for s in report.skipped]}
+    _emit(args, data, report.summary())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stn_edge.host.demo import run_demo
+
+    rows = run_demo(backend=args.backend, out=args.output, epochs=args.epochs, quiet=args.json)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stn-edge", description="Bake a compressed network once; fit it to any device at load time.")
+    p.add_argument("--version", action="version", version=f"stn-edge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, runtime: bool = False) -> None:
+        sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        if runtime:
+            sp.add_argument("artifact", help="path to a .stn artifact")
+            sp.add_argument("--mem-limit", default=None, help="budget: bytes, 12MB, 3MiB or 35%% (default: full model)")
+            sp.add_argument("--backend", default="auto", help="numpy, onnxruntime, ... or auto (default)")
+            sp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
+    sp = sub.add_parser("bake", help="capture, decompose and write a .stn artifact")
+    sp.add_argument("model", help="package.module:factory (a callable returning a torch module) or model.onnx")
+    sp.add_argument("--weights", help="state-dict file for the torch model")
+    sp.add_argument("--input-shape", action="append", help="example input shape, e.g. 1,3,32,32 (repeat per input)")
+    sp.add_argument("--calibration", action="append", help=".npy file of calibration inputs (repeat per input)")
+    sp.add_argument("-o", "--output", required=True, help="artifact path to write")
+    sp.add_argument("--levels", type=int, default=32, help="truncation levels per layer (default 32)")
+    sp.add_argument("--importance", choices=("data", "spectral"), default="data")
+    common(sp)
+    sp.set_defaults(func=cmd_bake)
+
+    sp = sub.add_parser("inspect", help="show an artifact's inputs, layers and ladders")
+    sp.add_argument("artifact")
+    common(sp)
+    sp.set_defaults(func=cmd_inspect)
+
+    sp = sub.add_parser("plan", help="show the ranks a budget gets, without loading weights")
+    sp.add_argument("artifact")
+    sp.add_argument("--mem-limit", default=None, help="budget: bytes, 12MB, 3MiB or 35%% (default: full model)")
+    common(sp)
+    sp.set_defaults(func=cmd_plan)
+
+    sp = sub.add_parser("run", help="run the model on .npy inputs (or its calibration inputs)")
+    common(sp, runtime=True)
+    sp.add_argument("--input", action="append", help="name=file.npy or file.npy (in input order)")
+    sp.add_argument("--output", help="write the outputs to this .npz")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("verify", help="run the calibration set and report the error against the reference")
+    common(sp, runtime=True)
+    sp.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted relative error (default 1e-4)")
+    sp.set_defaults(func=cmd_verify)
+
+    sp = sub.add_parser("demo", help="train, bake and load a digits CNN at 100/50/25/10%% budgets")
+    sp.add_argument("--backend", default="auto")
+    sp.add_argument("--output", help="keep the artifact at this path")
+    sp.add_argument("--epochs", type=int, default=30)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except STNError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ModuleNotFoundError as exc:
+        print(f"error: {exc.name} is not installed; the host commands need: pip install 'stn-edge[host]'", file=sys.stderr)
+        return 5
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,494 @@
+"""The ``.stn`` artifact: write, open, validate, read. Specified in ``docs/FORMAT.md``.
+
+Layout::
+
+    preamble  48 bytes   magic(8) major:u16 minor:u16 header_len:u32 header_sha256(32)
+    header    msgpack    header_len bytes
+    padding   to a multiple of 64
+    data      raw little-endian arrays; every block offset is relative to the data start
+
+Nothing in a file can execute code: the header is msgpack with no extension types, the data section
+holds raw numbers. Every block carries a SHA-256 that is checked for exactly the bytes that are read.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterable
+
+import msgpack
+import numpy as np
+
+from stn_edge.errors import ArtifactError
+from stn_edge.graph import DTYPES
+
+MAGIC = b"\x89STN\r\n\x1a\n"
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+PREAMBLE = struct.Struct("<8sHHI32s")
+ALIGN = 64
+#: the largest header a reader accepts; real headers are kilobytes to a few megabytes
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+#: msgpack limits: no container or string in a valid header comes near these
+_UNPACK_LIMITS = dict(max_str_len=1 << 20, max_array_len=1 << 22, max_map_len=1 << 20, max_ext_len=0)
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class ArtifactBuilder:
+    """Collects data blocks, then writes header + blocks atomically.
+
+    Array references returned by the ``add_*`` methods go into the header wherever the caller
+    wants them; :meth:`write` serializes the header and the data section.
+
+    Examples
+    --------
+    >>> b = ArtifactBuilder()
+    >>> ref = b.add_array(np.arange(4, dtype=np.float32))
+    >>> b.write("tiny.stn", {"tensors": {"x": ref}})  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def _append(self, data: bytes) -> dict[str, Any]:
+        block = {"offset": self._size, "size": len(data), "sha256": hashlib.sha256(data).digest()}
+        self._chunks.append(data)
+        self._size += len(data)
+        return block
+
+    def _pad(self) -> None:
+        pad = _align(self._size) - self._size
+        if pad:
+            self._chunks.append(b"\0" * pad)
+            self._size += pad
+
+    def add_array(self, array: np.ndarray) -> dict[str, Any]:
+        """Store ``array`` as one aligned block; return ``{dtype, shape, block}``."""
+        arr = _little_endian(array)
+        self._pad()
+        return {"dtype": _dtype_key(arr.dtype), "shape": list(arr.shape), "block": self._append(arr.tobytes())}
+
+    def add_rows(self, array: np.ndarray, row_ends: Iterable[int]) -> dict[str, Any]:
+        """Store ``array`` (rank-major: rows are rank components) as consecutive row segments.
+
+        Segment ``j`` holds rows ``[row_ends[j-1], row_ends[j])``; each is its own hashed block and
+        the segments are contiguous, so the first ``k`` segments are one contiguous prefix.
+        Returns ``{dtype, shape, row_ends, blocks}``.
+        """
+        arr = _little_endian(array)
+        ends = [int(e) for e in row_ends]
+        if not ends or ends[-1] != arr.shape[0] or any(b <= a for a, b in zip([0] + ends, ends)):
+            raise ValueError(f"row_ends {ends} must increase strictly and end at {arr.shape[0]}")
+        self._pad()
+        blocks, start = [], 0
+        for end in ends:
+            blocks.append(self._append(arr[start:end].tobytes()))
+            start = end
+        return {"dtype": _dtype_key(arr.dtype), "shape": list(arr.shape), "row_ends": ends, "blocks": blocks}
+
+    def to_bytes(self, header: dict[str, Any]) -> bytes:
+        """The complete artifact as bytes (used by :meth:`write` and golden tests)."""
+        self._pad()
+        header = dict(header)
+        header["data_size"] = self._size
+        packed = msgpack.packb(header, use_bin_type=True)
+        pre = PREAMBLE.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, len(packed), hashlib.sha256(packed).digest())
+        head = pre + packed
+        head += b"\0" * (_align(len(head)) - len(head))
+        return head + b"".join(self._chunks)
+
+    def write(self, path: str | os.PathLike, header: dict[str, Any]) -> int:
+        """Write the artifact to ``path`` atomically; return its size in bytes.
+
+        The bytes go to a temporary file in the same folder, are flushed to disk, then renamed over
+        ``path``: an interrupted write never leaves a partial artifact behind.
+        """
+        data = self.to_bytes(header)
+        write_atomic(path, data)
+        return len(data)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    arr = np.ascontiguousarray(array)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    _dtype_key(arr.dtype)
+    return arr
+
+
+def _dtype_key(dtype: np.dtype) -> str:
+    for name, known in DTYPES.items():
+        if known == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} cannot be stored; supported: {', '.join(DTYPES)}")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Source:
+    """Random access to the artifact's bytes: a path, a binary file object, or bytes."""
+
+    def __init__(self, source: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO):
+        self._lock = threading.Lock()
+        self._owned = False
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self._fh: BinaryIO = io.BytesIO(bytes(source))
+            self.name = "<bytes>"
+        elif isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            if not path.is_file():
+                raise ArtifactError(f"{path}: no such artifact file; check the path")
+            self._fh = open(path, "rb")
+            self._owned = True
+            self.name = str(path)
+        elif hasattr(source, "read") and hasattr(source, "seek"):
+            self._fh = source
+            self.name = getattr(source, "name", "<file>")
+        else:
+            raise ArtifactError(
+                f"cannot read an artifact from {type(source).__name__}; pass a path, bytes or a binary file object"
+            )
+        self._fh.seek(0, io.SEEK_END)
+        self.size = self._fh.tell()
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise ArtifactError(f"{self.name}: read of {size} bytes at {offset} is past the end ({self.size} bytes)")
+        with self._lock:
+            self._fh.seek(offset)
+            data = self._fh.read(size)
+        if len(data) != size:
+            raise ArtifactError(f"{self.name}: file is truncated (wanted {size} bytes at {offset})")
+        return data
+
+    def close(self) -> None:
+        if self._owned:
+            self._fh.close()
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """Where one stored array lives: dtype, shape, and its hashed blocks (one, or one per row segment)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    blocks: tuple[tuple[int, int, bytes], ...]  # (offset, size, sha256)
+    row_ends: tuple[int, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b[1] for b in self.blocks)
+
+    def prefix_bytes(self, segments: int) -> int:
+        """Bytes held by the first ``segments`` row segments."""
+        return sum(b[1] for b in self.blocks[:segments])
+
+
+class ArtifactReader:
+    """Opens a ``.stn`` artifact, validates all of its header, and reads blocks on demand.
+
+    ``source`` is a path, bytes, or a binary file object with ``seek``/``read``. Only the preamble
+    and header are read when opening; array data is read by :meth:`read_array` and
+    :meth:`read_rows`, which verify the SHA-256 of exactly the blocks they read. ``bytes_read``
+    counts every byte read from the source.
+
+    Raises :class:`~stn_edge.errors.ArtifactError` for anything that is not a valid artifact.
+    """
+
+    def __init__(self, source: str | os.PathLike | bytes | BinaryIO, *, verify: bool = True):
+        self._src = _Source(source)
+        self.verify = verify
+        self.bytes_read = 0
+        self.name = self._src.name
+        try:
+            self._open()
+        except BaseException:
+            self._src.close()
+            raise
+
+    def _read(self, offset: int, size: int) -> bytes:
+        data = self._src.read(offset, size)
+        self.bytes_read += size
+        return data
+
+    def _open(self) -> None:
+        if self._src.size < PREAMBLE.size:
+            raise ArtifactError(f"{self.name}: {self._src.size} bytes is too short to be a .stn artifact")
+        magic, major, minor, header_len, header_hash = PREAMBLE.unpack(self._read(0, PREAMBLE.size))
+        if magic != MAGIC:
+            raise ArtifactError(f"{self.name}: not a .stn artifact (bad magic {magic[:8]!r})")
+        if major > FORMAT_MAJOR:
+            raise ArtifactError(
+                f"{self.name}: format version {major}.{minor} is newer than this reader ({FORMAT_MAJOR}.{FORMAT_MINOR});"
+                " upgrade stn-edge to read it"
+            )
+        if major < 1:
+            raise ArtifactError(f"{self.name}: format version {major}.{minor} is not supported")
+        self.version = (major, minor)
+        if header_len > min(MAX_HEADER_BYTES, self._src.size - PREAMBLE.size):
+            raise ArtifactError(f"{self.name}: header length {header_len} exceeds the file or the {MAX_HEADER_BYTES}-byte limit")
+        packed = self._read(PREAMBLE.size, header_len)
+        if hashlib.sha256(packed).digest() != header_hash:
+            raise ArtifactError(f"{self.name}: header checksum mismatch; the file is corrupt, bake or download it again")
+        try:
+            header = msgpack.unpackb(packed, raw=False, strict_map_key=True, use_list=True, **_UNPACK_LIMITS)
+        except Exception as exc:  # msgpack raises several types for malformed input
+            raise ArtifactError(f"{self.name}: header is not valid msgpack ({exc})") from None
+        self.data_start = _align(PREAMBLE.size + header_len)
+        self.header = header
+        _validate_header(header, self._src.size - self.data_start, self.name)
+        self.data_size = int(header["data_size"])
+
+    # ------------------------------------------------------------------ arrays
+
+    def array_ref(self, ref: dict[str, Any]) -> ArrayRef:
+        """Turn a validated header reference into an :class:`ArrayRef`."""
+        blocks = ref["blocks"] if "blocks" in ref else [ref["block"]]
+        return ArrayRef(
+            dtype=ref["dtype"],
+            shape=tuple(ref["shape"]),
+            blocks=tuple((b["offset"], b["size"], b["sha256"]) for b in blocks),
+            row_ends=tuple(ref.get("row_ends", ())),
+        )
+
+    def read_array(self, ref: dict[str, Any] | ArrayRef) -> np.ndarray:
+        """Read a whole stored array (all its blocks), verified."""
+        aref = ref if isinstance(ref, ArrayRef) else self.array_ref(ref)
+        data = self._read_blocks(aref.blocks)
+        return np.frombuffer(data, dtype=DTYPES[aref.dtype]).reshape(aref.shape).copy()
+
+    def read_rows(self, ref: dict[str, Any] | ArrayRef, start: int, stop: int) -> np.ndarray:
+        """Read row segments ``[start, stop)`` of a rank-major array; return those rows, verified."""
+        aref = ref if isinstance(ref, ArrayRef) else self.array_ref(ref)
+        if not (0 <= start <= stop <= len(aref.blocks)):
+            raise ArtifactError(f"{self.name}: segments [{start}, {stop}) out of range (array has {len(aref.blocks)})")
+        ends = (0,) + aref.row_ends
+        rows = ends[stop] - ends[start]
+        data = self._read_blocks(aref.blocks[start:stop])
+        return np.frombuffer(data, dtype=DTYPES[aref.dtype]).reshape((rows,) + aref.shape[1:]).copy()
+
+    def _read_blocks(self, blocks: tuple[tuple[int, int, bytes], ...]) -> bytes:
+        if not blocks:
+            return b""
+        first, last = blocks[0], blocks[-1]
+        contiguous = all(b[0] == a[0] + a[1] for a, b in zip(blocks, blocks[1:]))
+        if contiguous:
+            data = self._read(self.data_start + first[0], last[0] + last[1] - first[0])
+        else:
+            data = b"".join(self._read(self.data_start + o, s) for o, s, _ in blocks)
+        if self.verify:
+            pos = 0
+            for offset, size, digest in blocks:
+                if hashlib.sha256(data[pos : pos + size]).digest() != digest:
+                    raise ArtifactError(
+                        f"{self.name}: block at offset {offset} ({size} bytes) fails its SHA-256 check; the file is corrupt"
+                    )
+                pos += size
+        return data
+
+    def close(self) -> None:
+        """Close the underlying file when the reader opened it."""
+        self._src.close()
+
+    def __enter__(self) -> "ArtifactReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_artifact(source: str | os.PathLike | bytes | BinaryIO, *, verify: bool = True) -> ArtifactReader:
+    """Open and validate an artifact; see :class:`ArtifactReader`."""
+    return ArtifactReader(source, verify=verify)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate_header(header: Any, data_avail: int, name: str) -> None:
+    """Check every field the readers use before anything is used: types, offsets, sizes, shapes."""
+    v = _Validator(name)
+    v.map(header, "header")
+    data_size = v.int(header.get("data_size"), "data_size")
+    if data_size > data_avail:
+        v.fail(f"data_size {data_size} exceeds the {data_avail} bytes present: the file is truncated")
+    v.data_size = data_size
+    model = v.map(header.get("model"), "model")
+    for key in ("inputs", "outputs"):
+        for i, info in enumerate(v.list(model.get(key), f"model.{key}")):
+            v.map(info, f"model.{key}[{i}]")
+            v.str(info.get("name"), f"model.{key}[{i}].name")
+            v.dtype(info.get("dtype"), f"model.{key}[{i}].dtype")
+            for d in v.list(info.get("shape"), f"model.{key}[{i}].shape"):
+                if not isinstance(d, str):
+                    v.int(d, f"model.{key}[{i}].shape")
+    for i, node in enumerate(v.list(model.get("nodes"), "model.nodes")):
+        v.map(node, f"model.nodes[{i}]")
+        v.str(node.get("op"), f"model.nodes[{i}].op")
+        v.str(node.get("name"), f"model.nodes[{i}].name")
+        for key in ("inputs", "outputs"):
+            for s in v.list(node.get(key), f"model.nodes[{i}].{key}"):
+                v.str(s, f"model.nodes[{i}].{key}")
+        v.map(node.get("attrs", {}), f"model.nodes[{i}].attrs")
+    v.int(model.get("opset", 17), "model.opset")
+    for tname, ref in v.map(header.get("tensors"), "tensors").items():
+        v.array(ref, f"tensors[{tname!r}]")
+    for i, layer in enumerate(v.list(header.get("layers"), "layers")):
+        _validate_layer(v, layer, f"layers[{i}]")
+    cal = header.get("calibration")
+    if cal is not None:
+        v.map(cal, "calibration")
+        for key in ("inputs", "outputs"):
+            for tname, ref in v.map(cal.get(key), f"calibration.{key}").items():
+                v.array(ref, f"calibration.{key}[{tname!r}]")
+    v.int(header.get("full_bytes"), "full_bytes")
+    v.check_overlaps()
+
+
+def _validate_layer(v: "_Validator", layer: Any, where: str) -> None:
+    v.map(layer, where)
+    for key in ("name", "node", "kind", "family"):
+        v.str(layer.get(key), f"{where}.{key}")
+    v.array(layer.get("dense"), f"{where}.dense")
+    ladder = v.map(layer.get("ladder"), f"{where}.ladder")
+    ranks = [v.int(r, f"{where}.ladder.ranks") for r in v.list(ladder.get("ranks"), f"{where}.ladder.ranks")]
+    costs = [v.int(b, f"{where}.ladder.bytes") for b in v.list(ladder.get("bytes"), f"{where}.ladder.bytes")]
+    losses = v.list(ladder.get("loss"), f"{where}.ladder.loss")
+    if not ranks or not (len(ranks) == len(costs) == len(losses)):
+        v.fail(f"{where}.ladder: ranks, bytes and loss must be non-empty lists of equal length")
+    if any(b <= a for a, b in zip(ranks, ranks[1:])) or ranks[0] < 1:
+        v.fail(f"{where}.ladder.ranks must be positive and strictly increasing")
+    for x in losses:
+        if not isinstance(x, (int, float)) or not np.isfinite(x) or x < 0:
+            v.fail(f"{where}.ladder.loss holds {x!r}; losses are finite numbers >= 0")
+    factors = v.map(layer.get("factors"), f"{where}.factors")
+    if not factors:
+        v.fail(f"{where}.factors is empty")
+    for fname, ref in factors.items():
+        v.array(ref, f"{where}.factors[{fname!r}]", rows=True)
+        if tuple(ref["row_ends"]) != tuple(ranks):
+            v.fail(f"{where}.factors[{fname!r}] row segments {ref['row_ends']} do not match the ladder ranks")
+    for j in range(len(ranks)):
+        held = sum(_prefix(ref, j + 1) for ref in factors.values())
+        if held != costs[j]:
+            v.fail(f"{where}.ladder.bytes[{j}] = {costs[j]} but its factor blocks hold {held} bytes")
+
+
+def _prefix(ref: dict[str, Any], segments: int) -> int:
+    return sum(b["size"] for b in ref["blocks"][:segments])
+
+
+class _Validator:
+    def __init__(self, name: str):
+        self.name = name
+        self.data_size = 0
+        self.spans: list[tuple[int, int, str]] = []
+
+    def fail(self, msg: str) -> None:
+        raise ArtifactError(f"{self.name}: invalid header: {msg}")
+
+    def map(self, x: Any, where: str) -> dict:
+        if not isinstance(x, dict):
+            self.fail(f"{where} must be a map, found {type(x).__name__}")
+        return x
+
+    def list(self, x: Any, where: str) -> list:
+        if not isinstance(x, list):
+            self.fail(f"{where} must be a list, found {type(x).__name__}")
+        return x
+
+    def str(self, x: Any, where: str) -> str:
+        if not isinstance(x, str):
+            self.fail(f"{where} must be a string, found {type(x).__name__}")
+        return x
+
+    def int(self, x: Any, where: str) -> int:
+        if not isinstance(x, int) or isinstance(x, bool) or x < 0 or x > 1 << 62:
+            self.fail(f"{where} must be a non-negative integer, found {x!r}")
+        return x
+
+    def dtype(self, x: Any, where: str) -> str:
+        if x not in DTYPES:
+            self.fail(f"{where}: unknown dtype {x!r}; known: {', '.join(DTYPES)}")
+        return x
+
+    def block(self, b: Any, where: str) -> int:
+        self.map(b, where)
+        off = self.int(b.get("offset"), f"{where}.offset")
+        size = self.int(b.get("size"), f"{where}.size")
+        digest = b.get("sha256")
+        if not isinstance(digest, bytes) or len(digest) != 32:
+            self.fail(f"{where}.sha256 must be 32 bytes")
+        if off + size > self.data_size:
+            self.fail(f"{where} spans [{off}, {off + size}) past the data section ({self.data_size} bytes)")
+        self.spans.append((off, size, where))
+        return size
+
+    def array(self, ref: Any, where: str, rows: bool = False) -> None:
+        self.map(ref, where)
+        dtype = self.dtype(ref.get("dtype"), f"{where}.dtype")
+        shape = [self.int(d, f"{where}.shape") for d in self.list(ref.get("shape"), f"{where}.shape")]
+        if len(shape) > 8:
+            self.fail(f"{where}.shape has {len(shape)} dims; at most 8 are allowed")
+        count = 1
+        for d in shape:
+            count *= d
+        expected = count * DTYPES[dtype].itemsize
+        if rows:
+            ends = [self.int(e, f"{where}.row_ends") for e in self.list(ref.get("row_ends"), f"{where}.row_ends")]
+            blocks = self.list(ref.get("blocks"), f"{where}.blocks")
+            if not shape or not ends or len(ends) != len(blocks) or ends[-1] != shape[0]:
+                self.fail(f"{where}: row segments do not cover its {shape[:1]} rows")
+            if any(b <= a for a, b in zip([0] + ends, ends)):
+                self.fail(f"{where}.row_ends must increase strictly")
+            row_bytes = expected // shape[0] if shape[0] else 0
+            start, prev_end = 0, None
+            for i, (end, b) in enumerate(zip(ends, blocks)):
+                size = self.block(b, f"{where}.blocks[{i}]")
+                if size != (end - start) * row_bytes:
+                    self.fail(f"{where}.blocks[{i}] holds {size} bytes, rows {start}:{end} need {(end - start) * row_bytes}")
+                if prev_end is not None and b["offset"] != prev_end:
+                    self.fail(f"{where}.blocks[{i}] is not contiguous with the previous segment")
+                prev_end = b["offset"] + size
+                start = end
+        else:
+            size = self.block(ref.get("block"), f"{where}.block")
+            if size != expected:
+                self.fail(f"{where}: block holds {size} bytes but dtype {dtype} and shape {shape} need {expected}")
+
+    def check_overlaps(self) -> None:
+        spans = sorted(s for s in self.spans if s[1] > 0)
+        for (o1, s1, w1), (o2, _, w2) in zip(spans, spans[1:]):
+            if o2 < o1 + s1:
+                self.fail(f"blocks overlap: {w1} and {w2}")

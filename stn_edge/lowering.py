@@ -1,0 +1,106 @@
+"""Lowering: a factorized layer at a chosen rank becomes a few plain ONNX ops.
+
+Every family lowers to operators every backend already runs (Conv, MatMul, Gemm), so a backend
+needs to know nothing about tensor decompositions. Each family also knows how to rebuild the dense
+weight from its truncated factors, for engines where the dense form runs faster.
+
+Factor conventions (rank-major: the first axis is the rank, so a prefix of rows is a truncation):
+
+``svd``, kind ``conv``   ``a (r, C_in, *k)``, ``b (r, C_out)``: Conv(x, a) then 1x1 Conv(., b^T) + bias
+``svd``, kind ``linear`` ``a (r, in)``, ``b (r, out)``: MatMul(x, a^T) then MatMul/Gemm(., b) + bias
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from stn_edge.errors import ArtifactError
+from stn_edge.graph import Graph, Node
+
+Lowerer = Callable[[Node, dict[str, Any], dict[str, np.ndarray]], tuple[list[Node], dict[str, np.ndarray]]]
+
+
+def _svd_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
+    a, b = f["a"], f["b"]
+    k = a.shape[0]
+    nd = a.ndim - 2
+    w1, w2, mid = f"{layer['name']}::a", f"{layer['name']}::b", f"{node.outputs[0]}::r"
+    first = Node("Conv", f"{node.name}::a", [node.inputs[0], w1], [mid], dict(node.attrs))
+    first.attrs["kernel_shape"] = list(a.shape[2:])
+    second_attrs = {"kernel_shape": [1] * nd}
+    second = Node("Conv", f"{node.name}::b", [mid, w2] + node.inputs[2:3], list(node.outputs), second_attrs)
+    # b^T reshaped to (C_out, k, 1, ...) is a view of the rank-major rows: no copy
+    return [first, second], {w1: a, w2: b.T.reshape(b.shape[1], k, *([1] * nd))}
+
+
+def _svd_linear(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
+    a, b = f["a"], f["b"]
+    w1, w2, mid = f"{layer['name']}::a", f"{layer['name']}::b", f"{node.outputs[0]}::r"
+    first = Node("MatMul", f"{node.name}::a", [node.inputs[0], w1], [mid])
+    if node.op == "Gemm":
+        second = Node("Gemm", f"{node.name}::b", [mid, w2] + node.inputs[2:3], list(node.outputs))
+    else:
+        second = Node("MatMul", f"{node.name}::b", [mid, w2], list(node.outputs))
+    return [first, second], {w1: a.T, w2: b}
+
+
+def _svd_reconstruct(layer: dict[str, Any], f: dict[str, np.ndarray]) -> np.ndarray:
+    a, b = f["a"], f["b"]
+    shape = tuple(layer["dense"]["shape"])
+    if layer["kind"] == "conv":
+        return (b.T @ a.reshape(a.shape[0], -1)).reshape(shape)
+    if layer.get("layout") == "in_out":
+        return a.T @ b
+    return b.T @ a
+
+
+_LOWERERS: dict[tuple[str, str], Lowerer] = {
+    ("svd", "conv"): _svd_conv,
+    ("svd", "linear"): _svd_linear,
+}
+_RECONSTRUCT: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], np.ndarray]] = {
+    "svd": _svd_reconstruct,
+}
+
+
+def families() -> list[str]:
+    """Names of the decomposition families this version can lower."""
+    return sorted({f for f, _ in _LOWERERS})
+
+
+def reconstruct(layer: dict[str, Any], factors: dict[str, np.ndarray]) -> np.ndarray:
+    """The dense weight of ``layer`` rebuilt from its (truncated) factors, in the node's layout."""
+    return _RECONSTRUCT[layer["family"]](layer, factors).astype(factors["a"].dtype, copy=False)
+
+
+def lower(graph: Graph, layers: list[dict[str, Any]], held: dict[str, Any]) -> Graph:
+    """Return a copy of ``graph`` where each layer runs as ``held`` says.
+
+    ``held[layer_name]`` is either a dense weight array (the node keeps its original form) or a dict
+    of truncated factors (the node is replaced by its family's plain ops). ``graph.initializers``
+    must hold every tensor that is not a factorized layer's weight.
+    """
+    by_node = {layer["node"]: layer for layer in layers}
+    nodes: list[Node] = []
+    inits = dict(graph.initializers)
+    for node in graph.nodes:
+        layer = by_node.get(node.name)
+        if layer is None:
+            nodes.append(node)
+            continue
+        value = held[layer["name"]]
+        if isinstance(value, np.ndarray):
+            inits[layer["weight"]] = value
+            nodes.append(node)
+            continue
+        key = (layer["family"], layer["kind"])
+        if key not in _LOWERERS:
+            raise ArtifactError(
+                f"layer {layer['name']!r} uses family {key[0]!r} ({key[1]}) which this stn-edge cannot lower; "
+                f"known: {', '.join(families())}. Upgrade stn-edge."
+            )
+        new_nodes, new_inits = _LOWERERS[key](node, layer, value)
+        nodes.extend(new_nodes)
+        inits.update(new_inits)
+    return Graph(nodes=nodes, inputs=graph.inputs, outputs=graph.outputs, initializers=inits, opset=graph.opset)
