@@ -18,7 +18,7 @@ from stn_edge.device.backends import Backend, Executable, available_backends, ge
 from stn_edge.errors import ArtifactError, BackendError, InputError
 from stn_edge.format import ArtifactReader
 from stn_edge.graph import DTYPES, Graph, graph_from_dict
-from stn_edge.lowering import lower
+from stn_edge.lowering import assemble, lower
 from stn_edge.plan import Plan, ladder_specs, parse_budget, plan_ranks
 
 #: engines tried by ``backend="auto"``, fastest first on CPU
@@ -126,27 +126,36 @@ class Runtime:
             if self._tensors is None:
                 self._tensors = {k: self._reader.read_array(r) for k, r in self.header["tensors"].items()}
             held = {layer["name"]: self._hold(layer, plan.choice(layer["name"])) for layer in self.layers}
+            arrays = {
+                layer["name"]: data if level is None else assemble(layer, level, data)
+                for layer, (level, data) in zip(self.layers, held.values())
+            }
             graph = lower(Graph(self._template.nodes, self._template.inputs, self._template.outputs,
-                                self._tensors, self._template.opset), self.layers, held)
+                                self._tensors, self._template.opset), self.layers, arrays)
             exe = self._backend.prepare(graph, self.device)
             self._held, self._exe, self.plan = held, exe, plan
         return plan
 
-    def _hold(self, layer: dict[str, Any], choice: Any) -> Any:
-        """The arrays ``layer`` needs for ``choice``, reusing what is already held."""
-        old = self._held.get(layer["name"])
+    def _hold(self, layer: dict[str, Any], choice: Any) -> tuple[int | None, Any]:
+        """``(level, data)`` for ``choice``: the dense weight (level None) or each factor's row prefix.
+
+        Reuses what is already held: going down copies the shorter prefix (so the dropped rows are
+        freed), going up reads only the missing row segments.
+        """
+        old_level, old = self._held.get(layer["name"], (None, None))
         if choice.dense:
-            return old if isinstance(old, np.ndarray) else self._reader.read_array(layer["dense"])
-        factors = layer["factors"]
-        segments = choice.level + 1
-        rank = layer["ladder"]["ranks"][choice.level]
-        if isinstance(old, dict):
-            have = next(iter(old.values())).shape[0]
-            if have >= rank:  # going down: copy the prefix so the dropped rows are freed
-                return {k: v[:rank].copy() if have > rank else v for k, v in old.items()}
-            done = layer["ladder"]["ranks"].index(have) + 1
-            return {k: np.concatenate([old[k], self._reader.read_rows(ref, done, segments)]) for k, ref in factors.items()}
-        return {k: self._reader.read_rows(ref, 0, segments) for k, ref in factors.items()}
+            if old_level is None and old is not None:
+                return None, old
+            return None, self._reader.read_array(layer["dense"])
+        refs = layer["factors"]
+        want = choice.level + 1
+        if old is None or old_level is None:
+            return choice.level, {k: self._reader.read_rows(ref, 0, want) for k, ref in refs.items()}
+        have = old_level + 1
+        if have >= want:
+            ends = {k: ref["row_ends"][want - 1] for k, ref in refs.items()}
+            return choice.level, {k: v[: ends[k]].copy() if v.shape[0] > ends[k] else v for k, v in old.items()}
+        return choice.level, {k: np.concatenate([old[k], self._reader.read_rows(ref, have, want)]) for k, ref in refs.items()}
 
     # ------------------------------------------------------------------ running
 
@@ -196,7 +205,7 @@ class Runtime:
                 isinstance(d, int) and d != s for d, s in zip(spec.shape, arr.shape)
             ):
                 raise InputError(f"input {spec.name!r} has shape {list(arr.shape)}, the model expects {spec.shape}")
-            feeds[spec.name] = np.ascontiguousarray(arr)
+            feeds[spec.name] = np.asarray(arr, order="C")
         return feeds
 
     # ------------------------------------------------------------------ checking

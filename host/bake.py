@@ -84,6 +84,7 @@ def bake(
     levels: int = 32,
     importance: str = "data",
     min_bytes: int = 4096,
+    score_samples: int = 128,
     progress: bool = True,
 ) -> BakeReport:
     """Bake ``model`` into one ``.stn`` artifact at ``path``.
@@ -97,6 +98,7 @@ def bake(
         artifact with reference outputs. Defaults to ``example_inputs``.
     levels : truncation levels per layer in the ladder (at most).
     importance : ``"data"`` (measured output error) or ``"spectral"`` (discarded singular energy).
+    score_samples : calibration samples used to score truncation levels (the first ones).
 
     The artifact is written atomically: a failed bake leaves nothing at ``path``.
     """
@@ -116,9 +118,9 @@ def bake(
         decomposed.append(_decompose(cand, graph.initializers[cand.weight], levels))
         say(f"decomposed {i + 1}/{len(candidates)}: {cand.weight} {decomposed[-1]['meta']['dense']['shape']}")
     if importance == "data" and decomposed:
-        say(f"scoring {sum(len(d['ranks']) for d in decomposed)} truncation levels on {len(cal_inputs[0])} calibration samples")
+        say(f"scoring {sum(len(d['ranks']) for d in decomposed)} truncation levels on {min(len(cal_inputs[0]), score_samples)} calibration samples")
         losses = score_truncations(
-            graph, feeds, [(d["meta"]["weight"], [d["truncated"](j) for j in range(len(d["ranks"]))]) for d in decomposed],
+            graph, {k: v[:score_samples] for k, v in feeds.items()}, [(d["meta"]["weight"], [d["truncated"](j) for j in range(len(d["ranks"]))]) for d in decomposed],
             progress=lambda k, n: say(f"scored {k}/{n}"),
         )
     elif importance in ("data", "spectral"):
@@ -149,7 +151,7 @@ def _decompose(cand: Candidate, w: np.ndarray, levels: int) -> dict[str, Any]:
     ranks = ladder_ranks(top, levels)
     energy = float(np.sum(s.astype(np.float64) ** 2)) or 1.0
     meta = {
-        "name": cand.weight, "weight": cand.weight, "node": cand.node.name, "kind": cand.kind, "family": "svd",
+        "name": cand.name, "weight": cand.weight, "node": cand.node.name, "kind": cand.kind, "family": "svd",
         "layout": cand.layout, "structure": {"matricization": "out | in*kernel"}, "max_rank": int(min(m, n)),
         "dense": {"shape": list(w.shape)},
     }

@@ -21,6 +21,11 @@ class Candidate:
     kind: str  # "conv" or "linear"
     layout: str  # "conv", "out_in" (Gemm transB=1) or "in_out" (MatMul, Gemm transB=0)
 
+    @property
+    def name(self) -> str:
+        """A readable layer name: the module path (``layers.0.conv1``) where the exporter kept one."""
+        return layer_name(self.node, self.weight)
+
     def matrix(self, w: np.ndarray) -> np.ndarray:
         """The weight as ``(out, in * kernel)``: the matricization SVD factorizes."""
         if self.layout == "in_out":
@@ -51,7 +56,7 @@ def find_layers(graph: Graph, min_bytes: int = MIN_FACTOR_BYTES) -> tuple[list[C
         w = inits[weight]
         reason = _why_not(graph, node, w, min_bytes)
         if reason:
-            skipped.append(Skipped(weight, node.name, reason))
+            skipped.append(Skipped(layer_name(node, weight), node.name, reason))
             continue
         found.append(Candidate(node, weight, "conv" if node.op == "Conv" else "linear", _layout(node)))
     return found, skipped
@@ -81,3 +86,20 @@ def _why_not(graph: Graph, node: Node, w: np.ndarray, min_bytes: int) -> str:
     if break_even_rank(m, n) < 1:
         return f"no byte saving at any rank ({m}x{n})"
     return ""
+
+
+def layer_name(node: Node, weight: str) -> str:
+    """``layers.0.conv1`` from a weight ``layers.0.conv1.weight`` or a node ``/layers/layers.0/conv1/Conv``.
+
+    The exporter renames weights it rewrote (BatchNorm folding gives ``onnx::Conv_83``); the node
+    name still holds the module path, one scope per component, each scope qualified by its parent.
+    """
+    if not weight.startswith("onnx::") and "::" not in weight:
+        return weight[: -len(".weight")] if weight.endswith(".weight") else weight
+    scopes: list[str] = []
+    for part in [p for p in node.name.split("/") if p][:-1]:
+        if scopes and part.startswith(scopes[-1] + "."):
+            scopes[-1] = part  # "layers" then "layers.0": the child scope repeats its parent's name
+        else:
+            scopes.append(part)
+    return ".".join(scopes) or node.name

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
+import reprlib
 import struct
 import tempfile
 import threading
@@ -36,11 +38,23 @@ ALIGN = 64
 #: the largest header a reader accepts; real headers are kilobytes to a few megabytes
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 #: msgpack limits: no container or string in a valid header comes near these
-_UNPACK_LIMITS = dict(max_str_len=1 << 20, max_array_len=1 << 22, max_map_len=1 << 20, max_ext_len=0)
+_UNPACK_LIMITS = dict(max_str_len=1 << 20, max_array_len=1 << 18, max_map_len=1 << 18, max_ext_len=0)
+#: a header may unpack into at most ``len / 8`` containers and ``len / 2`` elements (plus a floor).
+#: Baked headers have ~56 bytes per container and ~11 per element; without this cap a hostile header
+#: of one-byte empty lists unpacks into 70x its length in Python objects (see docs/RELIABILITY.md)
+_HEADER_OBJECT_FLOOR = 4096
+#: node attributes are scalars, tensors or lists of them: a few levels deep at most
+_MAX_ATTR_DEPTH = 4
 
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _short(x: Any, limit: int = 80) -> str:
+    """A bounded ``repr`` for error messages: hostile values can be huge or deeply nested."""
+    text = reprlib.repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- writing
@@ -139,7 +153,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def _little_endian(array: np.ndarray) -> np.ndarray:
-    arr = np.ascontiguousarray(array)
+    arr = np.asarray(array, order="C")  # ascontiguousarray would turn 0-d into 1-d
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     _dtype_key(arr.dtype)
@@ -156,8 +170,37 @@ def _dtype_key(dtype: np.dtype) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-class _Source:
-    """Random access to the artifact's bytes: a path, a binary file object, or bytes."""
+class ByteSource:
+    """Random access to an artifact's bytes; the reader reads through one of these.
+
+    Subclass it to read from a new transport (``stn_edge.device.remote.HttpSource`` reads over
+    HTTP range requests). ``size`` is the artifact's length in bytes, ``name`` names it in errors.
+    """
+
+    name: str = "<source>"
+    size: int = 0
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Exactly ``size`` bytes at ``offset``; :class:`ArtifactError` when they are not there."""
+        raise NotImplementedError
+
+    def prefetch(self, spans: list[tuple[int, int]]) -> None:
+        """Hint: the ``(offset, size)`` spans will be read next. Remote sources fetch them in few requests."""
+
+    def discard(self, offset: int, size: int) -> bool:
+        """Forget any copy of ``[offset, offset + size)`` that failed its hash; True when reading again may help."""
+        return False
+
+    def close(self) -> None:
+        """Release what the source holds open."""
+
+    def _check_span(self, offset: int, size: int) -> None:
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise ArtifactError(f"{self.name}: read of {size} bytes at {offset} is past the end ({self.size} bytes)")
+
+
+class _Source(ByteSource):
+    """A local artifact: a path, a binary file object, or bytes."""
 
     def __init__(self, source: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO):
         self._lock = threading.Lock()
@@ -167,6 +210,8 @@ class _Source:
             self.name = "<bytes>"
         elif isinstance(source, (str, os.PathLike)):
             path = Path(source)
+            if isinstance(source, str) and source.startswith(("http://", "https://")):
+                raise ArtifactError(f"{source}: URLs are opened by Runtime.load (or stn_edge.device.remote.HttpSource)")
             if not path.is_file():
                 raise ArtifactError(f"{path}: no such artifact file; check the path")
             self._fh = open(path, "rb")
@@ -183,8 +228,7 @@ class _Source:
         self.size = self._fh.tell()
 
     def read(self, offset: int, size: int) -> bytes:
-        if offset < 0 or size < 0 or offset + size > self.size:
-            raise ArtifactError(f"{self.name}: read of {size} bytes at {offset} is past the end ({self.size} bytes)")
+        self._check_span(offset, size)
         with self._lock:
             self._fh.seek(offset)
             data = self._fh.read(size)
@@ -218,18 +262,20 @@ class ArrayRef:
 class ArtifactReader:
     """Opens a ``.stn`` artifact, validates all of its header, and reads blocks on demand.
 
-    ``source`` is a path, bytes, or a binary file object with ``seek``/``read``. Only the preamble
-    and header are read when opening; array data is read by :meth:`read_array` and
-    :meth:`read_rows`, which verify the SHA-256 of exactly the blocks they read. ``bytes_read``
-    counts every byte read from the source.
+    ``source`` is a path, bytes, a binary file object with ``seek``/``read``, or a
+    :class:`ByteSource` (e.g. an HTTP source). Only the preamble and header are read when opening;
+    array data is read by :meth:`read_array` and :meth:`read_rows`, which verify the SHA-256 of
+    exactly the blocks they read. ``bytes_read`` counts every byte read from the source.
 
-    Raises :class:`~stn_edge.errors.ArtifactError` for anything that is not a valid artifact.
+    Raises :class:`~stn_edge.errors.ArtifactError` for anything that is not a valid artifact, in
+    time and memory bounded by the header's length (see ``docs/RELIABILITY.md``).
     """
 
-    def __init__(self, source: str | os.PathLike | bytes | BinaryIO, *, verify: bool = True):
-        self._src = _Source(source)
+    def __init__(self, source: str | os.PathLike | bytes | BinaryIO | ByteSource, *, verify: bool = True):
+        self._src = source if isinstance(source, ByteSource) else _Source(source)
         self.verify = verify
         self.bytes_read = 0
+        self._count_lock = threading.Lock()
         self.name = self._src.name
         try:
             self._open()
@@ -239,7 +285,8 @@ class ArtifactReader:
 
     def _read(self, offset: int, size: int) -> bytes:
         data = self._src.read(offset, size)
-        self.bytes_read += size
+        with self._count_lock:
+            self.bytes_read += size
         return data
 
     def _open(self) -> None:
@@ -261,10 +308,7 @@ class ArtifactReader:
         packed = self._read(PREAMBLE.size, header_len)
         if hashlib.sha256(packed).digest() != header_hash:
             raise ArtifactError(f"{self.name}: header checksum mismatch; the file is corrupt, bake or download it again")
-        try:
-            header = msgpack.unpackb(packed, raw=False, strict_map_key=True, use_list=True, **_UNPACK_LIMITS)
-        except Exception as exc:  # msgpack raises several types for malformed input
-            raise ArtifactError(f"{self.name}: header is not valid msgpack ({exc})") from None
+        header = _unpack_header(packed, self.name)
         self.data_start = _align(PREAMBLE.size + header_len)
         self.header = header
         _validate_header(header, self._src.size - self.data_start, self.name)
@@ -298,24 +342,51 @@ class ArtifactReader:
         data = self._read_blocks(aref.blocks[start:stop])
         return np.frombuffer(data, dtype=DTYPES[aref.dtype]).reshape((rows,) + aref.shape[1:]).copy()
 
+    def prefetch(self, refs: Iterable[tuple[dict[str, Any] | ArrayRef, int, int | None]]) -> int:
+        """Tell the source which blocks come next: ``(ref, start, stop)`` row segments (``stop``
+        None: the whole array). A remote source fetches them in a few coalesced range requests;
+        a local one ignores the hint. Returns the bytes announced.
+        """
+        spans = []
+        for ref, start, stop in refs:
+            aref = ref if isinstance(ref, ArrayRef) else self.array_ref(ref)
+            for offset, size, _ in aref.blocks[start:stop]:
+                spans.append((self.data_start + offset, size))
+        if spans:
+            self._src.prefetch(spans)
+        return sum(s for _, s in spans)
+
     def _read_blocks(self, blocks: tuple[tuple[int, int, bytes], ...]) -> bytes:
         if not blocks:
             return b""
+        data = self._fetch_blocks(blocks)
+        if self.verify:
+            bad = self._bad_block(blocks, data)
+            if bad is not None and self._src.discard(self.data_start + bad[0], bad[1]):
+                data = self._fetch_blocks(blocks)  # a cached or in-flight copy was bad: read once more
+                bad = self._bad_block(blocks, data)
+            if bad is not None:
+                raise ArtifactError(
+                    f"{self.name}: block at offset {bad[0]} ({bad[1]} bytes) fails its SHA-256 check; the file is corrupt"
+                )
+        return data
+
+    def _fetch_blocks(self, blocks: tuple[tuple[int, int, bytes], ...]) -> bytes:
         first, last = blocks[0], blocks[-1]
         contiguous = all(b[0] == a[0] + a[1] for a, b in zip(blocks, blocks[1:]))
         if contiguous:
-            data = self._read(self.data_start + first[0], last[0] + last[1] - first[0])
-        else:
-            data = b"".join(self._read(self.data_start + o, s) for o, s, _ in blocks)
-        if self.verify:
-            pos = 0
-            for offset, size, digest in blocks:
-                if hashlib.sha256(data[pos : pos + size]).digest() != digest:
-                    raise ArtifactError(
-                        f"{self.name}: block at offset {offset} ({size} bytes) fails its SHA-256 check; the file is corrupt"
-                    )
-                pos += size
-        return data
+            return self._read(self.data_start + first[0], last[0] + last[1] - first[0])
+        return b"".join(self._read(self.data_start + o, s) for o, s, _ in blocks)
+
+    @staticmethod
+    def _bad_block(blocks: tuple[tuple[int, int, bytes], ...], data: bytes) -> tuple[int, int] | None:
+        """``(offset, size)`` of the first block whose bytes do not match its SHA-256, or None."""
+        view, pos = memoryview(data), 0
+        for offset, size, digest in blocks:
+            if hashlib.sha256(view[pos : pos + size]).digest() != digest:
+                return offset, size
+            pos += size
+        return None
 
     def close(self) -> None:
         """Close the underlying file when the reader opened it."""
@@ -336,6 +407,39 @@ def open_artifact(source: str | os.PathLike | bytes | BinaryIO, *, verify: bool 
 # --------------------------------------------------------------------------- validation
 
 
+class _TooManyObjects(Exception):
+    pass
+
+
+def _unpack_header(packed: bytes, name: str) -> Any:
+    """msgpack-decode a header, refusing one that would unpack into far more objects than a real one.
+
+    The hooks count every container and its elements as msgpack builds them, so a hostile header
+    is stopped after at most one container (``max_array_len`` elements) past the cap.
+    """
+    max_containers = len(packed) // 8 + _HEADER_OBJECT_FLOOR
+    max_elements = len(packed) // 2 + _HEADER_OBJECT_FLOOR
+    counts = [0, 0]
+
+    def count(obj: Any) -> Any:
+        counts[0] += 1
+        counts[1] += len(obj)
+        if counts[0] > max_containers or counts[1] > max_elements:
+            raise _TooManyObjects
+        return obj
+
+    try:
+        return msgpack.unpackb(packed, raw=False, strict_map_key=True, use_list=True,
+                               list_hook=count, object_hook=count, **_UNPACK_LIMITS)
+    except _TooManyObjects:
+        raise ArtifactError(
+            f"{name}: header unpacks into more than {max_containers} containers or {max_elements} elements "
+            f"for its {len(packed)} bytes; no baked header is this dense, the file is hostile or corrupt"
+        ) from None
+    except Exception as exc:  # msgpack raises several types (and RecursionError in its pure-Python build)
+        raise ArtifactError(f"{name}: header is not valid msgpack ({_short(str(exc), 200)})") from None
+
+
 def _validate_header(header: Any, data_avail: int, name: str) -> None:
     """Check every field the readers use before anything is used: types, offsets, sizes, shapes."""
     v = _Validator(name)
@@ -344,7 +448,34 @@ def _validate_header(header: Any, data_avail: int, name: str) -> None:
     if data_size > data_avail:
         v.fail(f"data_size {data_size} exceeds the {data_avail} bytes present: the file is truncated")
     v.data_size = data_size
-    model = v.map(header.get("model"), "model")
+    _validate_model(v, v.map(header.get("model"), "model"))
+    for tname, ref in v.names(header.get("tensors"), "tensors").items():
+        v.array(ref, f"tensors[{_short(tname)}]")
+    layers = v.list(header.get("layers"), "layers")
+    for i, layer in enumerate(layers):
+        _validate_layer(v, layer, f"layers[{i}]")
+    for key in ("name", "node", "weight"):
+        v.unique([layer[key] for layer in layers], f"layers[].{key}")
+    nodes = {node["name"]: node for node in header["model"]["nodes"]}
+    for i, layer in enumerate(layers):
+        node = nodes.get(layer["node"])
+        if node is None or not node["outputs"] or len(node["inputs"]) < 2 or layer["weight"] not in node["inputs"]:
+            v.fail(f"layers[{i}] points at node {_short(layer['node'])}, which is missing or does not read weight "
+                   f"{_short(layer['weight'])}")
+    cal = header.get("calibration")
+    if cal is not None:
+        v.map(cal, "calibration")
+        for key in ("inputs", "outputs"):
+            declared = {info["name"] for info in header["model"][key]}
+            for tname, ref in v.names(cal.get(key), f"calibration.{key}").items():
+                if tname not in declared:
+                    v.fail(f"calibration.{key} holds {_short(tname)}, which is not a model {key[:-1]}")
+                v.array(ref, f"calibration.{key}[{_short(tname)}]")
+    v.int(header.get("full_bytes"), "full_bytes")
+    v.check_overlaps()
+
+
+def _validate_model(v: "_Validator", model: dict) -> None:
     for key in ("inputs", "outputs"):
         for i, info in enumerate(v.list(model.get(key), f"model.{key}")):
             v.map(info, f"model.{key}[{i}]")
@@ -353,33 +484,27 @@ def _validate_header(header: Any, data_avail: int, name: str) -> None:
             for d in v.list(info.get("shape"), f"model.{key}[{i}].shape"):
                 if not isinstance(d, str):
                     v.int(d, f"model.{key}[{i}].shape")
-    for i, node in enumerate(v.list(model.get("nodes"), "model.nodes")):
-        v.map(node, f"model.nodes[{i}]")
-        v.str(node.get("op"), f"model.nodes[{i}].op")
-        v.str(node.get("name"), f"model.nodes[{i}].name")
+    nodes = v.list(model.get("nodes"), "model.nodes")
+    for i, node in enumerate(nodes):
+        where = f"model.nodes[{i}]"
+        v.map(node, where)
+        v.str(node.get("op"), f"{where}.op")
+        v.str(node.get("name"), f"{where}.name")
+        v.str(node.get("domain", ""), f"{where}.domain")
         for key in ("inputs", "outputs"):
-            for s in v.list(node.get(key), f"model.nodes[{i}].{key}"):
-                v.str(s, f"model.nodes[{i}].{key}")
-        v.map(node.get("attrs", {}), f"model.nodes[{i}].attrs")
+            for s in v.list(node.get(key), f"{where}.{key}"):
+                v.str(s, f"{where}.{key}")
+        for aname, value in v.names(node.get("attrs", {}), f"{where}.attrs").items():
+            v.attr(value, f"{where}.attrs[{_short(aname)}]")
+    v.unique([node["name"] for node in nodes], "model.nodes[].name")
     v.int(model.get("opset", 17), "model.opset")
-    for tname, ref in v.map(header.get("tensors"), "tensors").items():
-        v.array(ref, f"tensors[{tname!r}]")
-    for i, layer in enumerate(v.list(header.get("layers"), "layers")):
-        _validate_layer(v, layer, f"layers[{i}]")
-    cal = header.get("calibration")
-    if cal is not None:
-        v.map(cal, "calibration")
-        for key in ("inputs", "outputs"):
-            for tname, ref in v.map(cal.get(key), f"calibration.{key}").items():
-                v.array(ref, f"calibration.{key}[{tname!r}]")
-    v.int(header.get("full_bytes"), "full_bytes")
-    v.check_overlaps()
 
 
 def _validate_layer(v: "_Validator", layer: Any, where: str) -> None:
     v.map(layer, where)
-    for key in ("name", "node", "kind", "family"):
+    for key in ("name", "node", "weight", "kind", "family"):
         v.str(layer.get(key), f"{where}.{key}")
+    v.str(layer.get("layout", ""), f"{where}.layout")
     v.array(layer.get("dense"), f"{where}.dense")
     ladder = v.map(layer.get("ladder"), f"{where}.ladder")
     ranks = [v.int(r, f"{where}.ladder.ranks") for r in v.list(ladder.get("ranks"), f"{where}.ladder.ranks")]
@@ -389,24 +514,26 @@ def _validate_layer(v: "_Validator", layer: Any, where: str) -> None:
         v.fail(f"{where}.ladder: ranks, bytes and loss must be non-empty lists of equal length")
     if any(b <= a for a, b in zip(ranks, ranks[1:])) or ranks[0] < 1:
         v.fail(f"{where}.ladder.ranks must be positive and strictly increasing")
+    if v.int(layer.get("max_rank", ranks[-1]), f"{where}.max_rank") < ranks[-1]:
+        v.fail(f"{where}.max_rank {layer['max_rank']} is below its largest ladder rank {ranks[-1]}")
     for x in losses:
-        if not isinstance(x, (int, float)) or not np.isfinite(x) or x < 0:
-            v.fail(f"{where}.ladder.loss holds {x!r}; losses are finite numbers >= 0")
-    factors = v.map(layer.get("factors"), f"{where}.factors")
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            v.fail(f"{where}.ladder.loss holds {_short(x)}; losses are finite numbers >= 0")
+    factors = v.names(layer.get("factors"), f"{where}.factors")
     if not factors:
         v.fail(f"{where}.factors is empty")
+    held = [0] * len(ranks)  # bytes of all factors' first j+1 segments, summed in one pass
     for fname, ref in factors.items():
-        v.array(ref, f"{where}.factors[{fname!r}]", rows=True)
-        if tuple(ref["row_ends"]) != tuple(ranks):
-            v.fail(f"{where}.factors[{fname!r}] row segments {ref['row_ends']} do not match the ladder ranks")
-    for j in range(len(ranks)):
-        held = sum(_prefix(ref, j + 1) for ref in factors.values())
-        if held != costs[j]:
-            v.fail(f"{where}.ladder.bytes[{j}] = {costs[j]} but its factor blocks hold {held} bytes")
-
-
-def _prefix(ref: dict[str, Any], segments: int) -> int:
-    return sum(b["size"] for b in ref["blocks"][:segments])
+        v.array(ref, f"{where}.factors[{_short(fname)}]", rows=True)
+        if len(ref["row_ends"]) != len(ranks):
+            v.fail(f"{where}.factors[{_short(fname)}] has {len(ref['row_ends'])} segments; the ladder has {len(ranks)} levels")
+        total = 0
+        for j, block in enumerate(ref["blocks"]):
+            total += block["size"]
+            held[j] += total
+    for j, (cost, have) in enumerate(zip(costs, held)):
+        if have != cost:
+            v.fail(f"{where}.ladder.bytes[{j}] = {cost} but its factor blocks hold {have} bytes")
 
 
 class _Validator:
@@ -433,14 +560,47 @@ class _Validator:
             self.fail(f"{where} must be a string, found {type(x).__name__}")
         return x
 
-    def int(self, x: Any, where: str) -> int:
-        if not isinstance(x, int) or isinstance(x, bool) or x < 0 or x > 1 << 62:
-            self.fail(f"{where} must be a non-negative integer, found {x!r}")
+    def names(self, x: Any, where: str) -> dict:
+        """A map whose keys are strings (msgpack also allows bytes keys)."""
+        for key in self.map(x, where):
+            if not isinstance(key, str):
+                self.fail(f"{where} has a key of type {type(key).__name__}; keys are strings")
         return x
 
+    def unique(self, values: list, where: str) -> None:
+        seen: set = set()
+        for value in values:
+            if value in seen:
+                self.fail(f"{where}: {_short(value)} appears twice")
+            seen.add(value)
+
+    def int(self, x: Any, where: str) -> int:
+        if not isinstance(x, int) or isinstance(x, bool) or x < 0 or x > 1 << 62:
+            self.fail(f"{where} must be a non-negative integer, found {_short(x)}")
+        return x
+
+    def attr(self, x: Any, where: str, depth: int = 0) -> None:
+        """A node attribute: a scalar, a string, bytes, a tensor map, or a (shallow) list of those."""
+        if depth > _MAX_ATTR_DEPTH:
+            self.fail(f"{where} nests deeper than {_MAX_ATTR_DEPTH} levels")
+        if x is None or isinstance(x, (bool, int, float, str, bytes)):
+            return
+        if isinstance(x, list):
+            for item in x:
+                self.attr(item, where, depth + 1)
+            return
+        if not isinstance(x, dict) or set(x) != {"tensor"}:
+            self.fail(f"{where} must be a number, string, bytes, list or {{'tensor': ...}}, found {type(x).__name__}")
+        t = self.map(x["tensor"], f"{where}.tensor")
+        dtype = self.dtype(t.get("dtype"), f"{where}.tensor.dtype")
+        shape = [self.int(d, f"{where}.tensor.shape") for d in self.list(t.get("shape", []), f"{where}.tensor.shape")]
+        data = t.get("data")
+        if not isinstance(data, bytes) or len(shape) > 8 or math.prod(shape) * DTYPES[dtype].itemsize != len(data):
+            self.fail(f"{where}.tensor: data must be bytes matching dtype {dtype} and shape {_short(shape)}")
+
     def dtype(self, x: Any, where: str) -> str:
-        if x not in DTYPES:
-            self.fail(f"{where}: unknown dtype {x!r}; known: {', '.join(DTYPES)}")
+        if not isinstance(x, str) or x not in DTYPES:
+            self.fail(f"{where}: unknown dtype {_short(x)}; known: {', '.join(DTYPES)}")
         return x
 
     def block(self, b: Any, where: str) -> int:
@@ -483,6 +643,8 @@ class _Validator:
                 prev_end = b["offset"] + size
                 start = end
         else:
+            if "blocks" in ref or "row_ends" in ref:
+                self.fail(f"{where} is a single-block array; it must not carry 'blocks' or 'row_ends'")
             size = self.block(ref.get("block"), f"{where}.block")
             if size != expected:
                 self.fail(f"{where}: block holds {size} bytes but dtype {dtype} and shape {shape} need {expected}")

@@ -83,7 +83,7 @@ class Graph:
 
 def _attr_to_plain(value: Any) -> Any:
     if isinstance(value, np.ndarray):
-        arr = np.ascontiguousarray(value)
+        arr = np.asarray(value, order="C")  # ascontiguousarray would turn 0-d into 1-d
         return {"tensor": {"dtype": dtype_name(arr.dtype), "shape": list(arr.shape), "data": arr.astype(DTYPES[dtype_name(arr.dtype)]).tobytes()}}
     if isinstance(value, np.generic):
         return value.item()

@@ -64,6 +64,19 @@ _RECONSTRUCT: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], np.nda
 }
 
 
+_ASSEMBLE: dict[str, Callable[[dict[str, Any], int, dict[str, np.ndarray]], dict[str, np.ndarray]]] = {}
+
+
+def assemble(layer: dict[str, Any], level: int, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Factors at ladder ``level`` from the row prefixes read for it.
+
+    Families whose factors are plain rank-major arrays (svd) use the rows as they are; families
+    that store a core in nested-shell order rebuild the core here.
+    """
+    fn = _ASSEMBLE.get(layer["family"])
+    return rows if fn is None else fn(layer, level, rows)
+
+
 def families() -> list[str]:
     """Names of the decomposition families this version can lower."""
     return sorted({f for f, _ in _LOWERERS})

@@ -157,3 +157,13 @@ def test_builder_rejects_bad_row_segments():
         b.add_rows(np.zeros((4, 2), np.float32), [1, 1, 4])
     with pytest.raises(ValueError, match="row_ends"):
         b.add_rows(np.zeros((4, 2), np.float32), [2, 3])
+
+
+def test_scalar_and_empty_arrays_round_trip():
+    b = ArtifactBuilder()
+    refs = {k: b.add_array(v) for k, v in {"s": np.array(3, np.int64), "e": np.zeros((0, 4), np.float32)}.items()}
+    header = {"model": {"inputs": [], "outputs": [], "nodes": []}, "tensors": refs, "layers": [], "full_bytes": 8}
+    r = ArtifactReader(b.to_bytes(header))
+    s = r.read_array(r.header["tensors"]["s"])
+    assert s.shape == () and s == 3
+    assert r.read_array(r.header["tensors"]["e"]).shape == (0, 4)
