@@ -111,6 +111,13 @@ def bake(
     if len(cal_inputs) != len(graph.inputs):
         raise CaptureError(f"calibration has {len(cal_inputs)} input(s), the model takes {len(graph.inputs)}")
     feeds = {v.name: a for v, a in zip(graph.inputs, cal_inputs)}
+    for v, a in zip(graph.inputs, cal_inputs):
+        fixed = [(i, d) for i, d in enumerate(v.shape) if isinstance(d, int)]
+        if a.ndim != len(v.shape) or any(a.shape[i] != d for i, d in fixed):
+            raise CaptureError(
+                f"calibration input {v.name!r} has shape {list(a.shape)} but the model takes {v.shape}; "
+                "export the model with a dynamic batch axis or give calibration data of that exact shape"
+            )
     candidates, skipped = find_layers(graph, min_bytes=min_bytes)
     say(f"{len(candidates)} layers to factorize, {len(skipped)} kept dense")
     decomposed = []

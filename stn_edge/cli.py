@@ -173,6 +173,9 @@ def cmd_bake(args: argparse.Namespace) -> int:
             raise InputError("--input-shape is required for a torch model (e.g. 1,3,32,32)")
     shapes = [_parse_shape(s) for s in (args.input_shape or [])]
     calibration = None
+    if not args.calibration:
+        print("note: no --calibration given: importance is scored on random calibration inputs; pass real "
+              "inputs (.npy) for budgets that follow accuracy", file=sys.stderr)
     if args.calibration:
         calibration = tuple(torch.from_numpy(np.load(p, allow_pickle=False)) for p in args.calibration)
     if isinstance(model, str):
