@@ -15,11 +15,13 @@ from typing import Any, BinaryIO, Mapping
 import numpy as np
 
 from stn_edge.device.backends import Backend, Executable, available_backends, get_backend
+from stn_edge.device.memory import counted_plan, engine_memory
+from stn_edge.device.remote import HttpSource, is_url
 from stn_edge.errors import ArtifactError, BackendError, InputError
 from stn_edge.format import ArtifactReader
 from stn_edge.graph import DTYPES, Graph, graph_from_dict
-from stn_edge.lowering import assemble, lower
-from stn_edge.plan import Plan, ladder_specs, parse_budget, plan_ranks
+from stn_edge.lowering import CORRECTION, apply_correction, assemble, lower, remove_correction
+from stn_edge.plan import Plan, ladder_specs, plan_ranks
 
 #: engines tried by ``backend="auto"``, fastest first on CPU
 _AUTO_ORDER = ("onnxruntime", "numpy")
@@ -62,19 +64,26 @@ class Runtime:
         backend: str = "auto",
         device: str = "cpu",
         verify: bool = True,
+        cache_dir: str | os.PathLike | None = None,
     ) -> "Runtime":
         """Open ``source`` and prepare it to run within ``mem_limit``.
 
         Parameters
         ----------
-        source : path, bytes or binary file object of a ``.stn`` artifact.
-        mem_limit : bytes of weights to hold: an int, ``"12MB"``, ``"3MiB"``, ``"35%"`` of the full
-            model, or None for the full model. A budget below the smallest feasible model raises
+        source : path, bytes or binary file object of a ``.stn`` artifact, an ``http(s)://`` URL
+            (read by range requests, see :mod:`stn_edge.device.remote`), or a ``ByteSource``.
+        mem_limit : memory the model may use: an int, ``"12MB"``, ``"3MiB"``, ``"35%"`` of the full
+            model, ``"auto"`` / ``"auto-256MB"`` (available memory minus a headroom), or None for
+            the full model. It counts the weights at the chosen ranks times the copies this engine
+            keeps (``docs/RELIABILITY.md``). A budget below the smallest feasible model raises
             :class:`~stn_edge.errors.BudgetError` stating that smallest budget.
         backend : ``"numpy"``, ``"onnxruntime"``, ... or ``"auto"`` (fastest installed engine).
         device : ``"cpu"`` or ``"cuda"`` where the backend supports it.
         verify : check the SHA-256 of every block read.
+        cache_dir : for URL sources, a folder that keeps fetched byte ranges between loads.
         """
+        if is_url(source):
+            source = HttpSource(source, cache_dir=cache_dir)
         reader = ArtifactReader(source, verify=verify)
         try:
             engine, reason = _choose_backend(backend, device)
@@ -111,9 +120,20 @@ class Runtime:
         return self._reader.header
 
     def plan_for(self, mem_limit: int | float | str | None) -> Plan:
-        """The plan a budget would get, without loading anything."""
-        budget = parse_budget(mem_limit, self.full_bytes)
-        return plan_ranks(self._specs, self._fixed_bytes, budget, self.full_bytes)
+        """The plan a budget would get, without loading anything.
+
+        ``plan.budget`` is the weight budget: ``mem_limit`` divided by the engine's copies.
+        """
+        return counted_plan(
+            lambda weights: plan_ranks(self._specs, self._fixed_bytes, weights, self.full_bytes), mem_limit,
+            full_bytes=self.full_bytes, engine=engine_memory(self._backend), held=self.footprint(),
+            first=self.plan is None,
+        )
+
+    def footprint(self, plan: Plan | None = None) -> int:
+        """Bytes ``plan`` (default: the current one) counts against ``mem_limit`` on this engine."""
+        plan = plan or self.plan
+        return 0 if plan is None else engine_memory(self._backend).footprint(plan.total_bytes)
 
     def rescale(self, mem_limit: int | float | str | None) -> Plan:
         """Move to the plan for ``mem_limit`` without reopening the artifact.
@@ -123,11 +143,12 @@ class Runtime:
         """
         plan = self.plan_for(mem_limit)
         with self._lock:
+            self._reader.prefetch(self._planned_reads(plan))  # remote sources: a few range requests
             if self._tensors is None:
                 self._tensors = {k: self._reader.read_array(r) for k, r in self.header["tensors"].items()}
             held = {layer["name"]: self._hold(layer, plan.choice(layer["name"])) for layer in self.layers}
             arrays = {
-                layer["name"]: data if level is None else assemble(layer, level, data)
+                layer["name"]: data if level is None else _assembled(layer, level, data)
                 for layer, (level, data) in zip(self.layers, held.values())
             }
             graph = lower(Graph(self._template.nodes, self._template.inputs, self._template.outputs,
@@ -136,26 +157,55 @@ class Runtime:
             self._held, self._exe, self.plan = held, exe, plan
         return plan
 
+    def _planned_reads(self, plan: Plan) -> list[tuple[dict[str, Any], int, int | None]]:
+        """``(ref, start, stop)`` of every block moving to ``plan`` reads; mirrors :meth:`_hold`."""
+        reads: list[tuple[dict[str, Any], int, int | None]] = []
+        if self._tensors is None:
+            reads += [(ref, 0, None) for ref in self.header["tensors"].values()]
+        for layer in self.layers:
+            choice = plan.choice(layer["name"])
+            old_level, old = self._held.get(layer["name"], (None, None))
+            if choice.dense:
+                if old is None or old_level is not None:
+                    reads.append((layer["dense"], 0, None))
+                continue
+            have = 0 if old is None or old_level is None else old_level + 1
+            if have < choice.level + 1:
+                reads += [(ref, have, choice.level + 1) for ref in layer["factors"].values()]
+            if "corrections" in layer and old_level != choice.level:
+                reads.append((layer["corrections"], choice.level, choice.level + 1))
+        return reads
+
     def _hold(self, layer: dict[str, Any], choice: Any) -> tuple[int | None, Any]:
         """``(level, data)`` for ``choice``: the dense weight (level None) or each factor's row prefix.
 
         Reuses what is already held: going down copies the shorter prefix (so the dropped rows are
-        freed), going up reads only the missing row segments.
+        freed), going up reads only the missing row segments. Factors are held with the level's
+        output correction already applied (see :func:`stn_edge.lowering.apply_correction`).
         """
         old_level, old = self._held.get(layer["name"], (None, None))
         if choice.dense:
             if old_level is None and old is not None:
                 return None, old
             return None, self._reader.read_array(layer["dense"])
+        if old is not None and old_level == choice.level:
+            return old_level, old
         refs = layer["factors"]
         want = choice.level + 1
         if old is None or old_level is None:
-            return choice.level, {k: self._reader.read_rows(ref, 0, want) for k, ref in refs.items()}
-        have = old_level + 1
-        if have >= want:
-            ends = {k: ref["row_ends"][want - 1] for k, ref in refs.items()}
-            return choice.level, {k: v[: ends[k]].copy() if v.shape[0] > ends[k] else v for k, v in old.items()}
-        return choice.level, {k: np.concatenate([old[k], self._reader.read_rows(ref, have, want)]) for k, ref in refs.items()}
+            rows = {k: self._reader.read_rows(ref, 0, want) for k, ref in refs.items()}
+        else:
+            raw = remove_correction(layer, old)
+            have = old_level + 1
+            if have >= want:
+                ends = {k: ref["row_ends"][want - 1] for k, ref in refs.items()}
+                rows = {k: raw[k][: ends[k]].copy() for k in refs}
+            else:
+                rows = {k: np.concatenate([raw[k], self._reader.read_rows(ref, have, want)]) for k, ref in refs.items()}
+        if "corrections" in layer:
+            corr = self._reader.read_rows(layer["corrections"], choice.level, want)[0]
+            rows = apply_correction(layer, rows, corr)
+        return choice.level, rows
 
     # ------------------------------------------------------------------ running
 
@@ -237,6 +287,12 @@ class Runtime:
     def __repr__(self) -> str:
         plan = self.plan.summary() if self.plan else "no plan"
         return f"Runtime({self._reader.name!r}, backend={self.backend!r}, device={self.device!r}: {plan})"
+
+
+def _assembled(layer: dict[str, Any], level: int, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    factors = {k: v for k, v in data.items() if k != CORRECTION}
+    out = assemble(layer, level, factors)
+    return {**out, CORRECTION: data[CORRECTION]} if CORRECTION in data else out
 
 
 def relative_error(x: np.ndarray, ref: np.ndarray) -> float:

@@ -15,6 +15,7 @@ from stn_edge.errors import CaptureError
 from stn_edge.format import ArtifactBuilder
 from stn_edge.graph import Graph, graph_to_dict
 from stn_edge.host.decompositions.svd import break_even_rank, ladder_ranks, svd_factors
+from stn_edge.host.correction import corrected_weight, layer_inputs, level_corrections
 from stn_edge.host.export import capture
 from stn_edge.host.importance import score_truncations
 from stn_edge.host.layers import Candidate, Skipped, find_layers
@@ -85,6 +86,7 @@ def bake(
     importance: str = "data",
     min_bytes: int = 4096,
     score_samples: int = 128,
+    correct: bool = True,
     progress: bool = True,
 ) -> BakeReport:
     """Bake ``model`` into one ``.stn`` artifact at ``path``.
@@ -99,6 +101,8 @@ def bake(
     levels : truncation levels per layer in the ladder (at most).
     importance : ``"data"`` (measured output error) or ``"spectral"`` (discarded singular energy).
     score_samples : calibration samples used to score truncation levels (the first ones).
+    correct : store, per level, the per-channel output scale and shift that restore the full-rank
+        layer's output statistics on the calibration data (see :mod:`stn_edge.host.correction`).
 
     The artifact is written atomically: a failed bake leaves nothing at ``path``.
     """
@@ -120,16 +124,25 @@ def bake(
             )
     candidates, skipped = find_layers(graph, min_bytes=min_bytes)
     say(f"{len(candidates)} layers to factorize, {len(skipped)} kept dense")
+    for cand in candidates:
+        _ensure_bias(graph, cand)
+    score_feeds = {k: v[:score_samples] for k, v in feeds.items()}
     decomposed = []
     for i, cand in enumerate(candidates):
         decomposed.append(_decompose(cand, graph.initializers[cand.weight], levels))
-        say(f"decomposed {i + 1}/{len(candidates)}: {cand.weight} {decomposed[-1]['meta']['dense']['shape']}")
+        say(f"decomposed {i + 1}/{len(candidates)}: {cand.name} {decomposed[-1]['meta']['dense']['shape']}")
+    if correct and decomposed:
+        say("measuring per-level output statistics")
+        inputs = layer_inputs(graph, [d["cand"] for d in decomposed], score_feeds)
+        for d in decomposed:
+            cand = d["cand"]
+            if _bias_name(cand):
+                d["corr"] = level_corrections(cand, d["dense"], graph.initializers[_bias_name(cand)],
+                                              d["a"], d["b"], d["ranks"], inputs[cand.weight])
     if importance == "data" and decomposed:
-        say(f"scoring {sum(len(d['ranks']) for d in decomposed)} truncation levels on {min(len(cal_inputs[0]), score_samples)} calibration samples")
-        losses = score_truncations(
-            graph, {k: v[:score_samples] for k, v in feeds.items()}, [(d["meta"]["weight"], [d["truncated"](j) for j in range(len(d["ranks"]))]) for d in decomposed],
-            progress=lambda k, n: say(f"scored {k}/{n}"),
-        )
+        say(f"scoring {sum(len(d['ranks']) for d in decomposed)} truncation levels on {len(next(iter(score_feeds.values())))} calibration samples")
+        losses = score_truncations(graph, score_feeds, [_level_overrides(graph, d) for d in decomposed],
+                                   progress=lambda k, n: say(f"scored {k}/{n}"))
     elif importance in ("data", "spectral"):
         losses = [d["spectral_loss"] for d in decomposed]
     else:
@@ -146,6 +159,37 @@ def bake(
     )
     say(f"done in {report.seconds:.1f} s")
     return report
+
+
+def _bias_name(cand: Candidate) -> str:
+    """The bias the layer's node adds (Conv and Gemm have one after :func:`_ensure_bias`; MatMul none)."""
+    return cand.node.inputs[2] if cand.node.op in ("Conv", "Gemm") and len(cand.node.inputs) > 2 else ""
+
+
+def _ensure_bias(graph: Graph, cand: Candidate) -> None:
+    """Give a bias-less Conv/Gemm a zero bias, so a per-level shift has somewhere to go."""
+    node = cand.node
+    if node.op not in ("Conv", "Gemm") or (len(node.inputs) > 2 and node.inputs[2]):
+        return
+    w = graph.initializers[cand.weight]
+    out = w.shape[1] if cand.layout == "in_out" else w.shape[0]
+    name = f"{cand.weight}::zero_bias"
+    graph.initializers[name] = np.zeros(out, dtype=w.dtype)
+    node.inputs = node.inputs[:2] + [name]
+
+
+def _level_overrides(graph: Graph, d: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+    """For each level, the constants that differ from the dense model: the weight, and the bias if corrected."""
+    cand, out = d["cand"], []
+    for j in range(len(d["ranks"])):
+        w_k = d["truncated"](j)
+        if "corr" in d:
+            bias = graph.initializers[_bias_name(cand)]
+            w_k, b_k = corrected_weight(cand, w_k, bias, d["corr"][j])
+            out.append({cand.weight: w_k, _bias_name(cand): b_k})
+        else:
+            out.append({cand.weight: w_k})
+    return out
 
 
 def _decompose(cand: Candidate, w: np.ndarray, levels: int) -> dict[str, Any]:
@@ -168,7 +212,7 @@ def _decompose(cand: Candidate, w: np.ndarray, levels: int) -> dict[str, Any]:
         return reconstruct(meta, {"a": a[:k], "b": b[:k]})
 
     return {
-        "meta": meta, "a": a, "b": b, "ranks": ranks, "truncated": truncated, "dense": w,
+        "meta": meta, "cand": cand, "a": a, "b": b, "ranks": ranks, "truncated": truncated, "dense": w,
         "spectral_loss": [float(np.sum(s[k:].astype(np.float64) ** 2) / energy) for k in ranks],
     }
 
@@ -201,9 +245,13 @@ def _assemble(graph, decomposed, losses, skipped, feeds, reference) -> tuple[dic
         meta = dict(d["meta"])
         meta["dense"] = builder.add_array(d["dense"])
         meta["factors"] = {"a": builder.add_rows(d["a"], d["ranks"]), "b": builder.add_rows(d["b"], d["ranks"])}
+        corr_bytes = 0
+        if "corr" in d:
+            meta["corrections"] = builder.add_rows(d["corr"], range(1, len(d["ranks"]) + 1))
+            corr_bytes = int(d["corr"][0].nbytes)
         meta["ladder"] = {
             "ranks": d["ranks"],
-            "bytes": [int((d["a"][:k].nbytes + d["b"][:k].nbytes)) for k in d["ranks"]],
+            "bytes": [int(d["a"][:k].nbytes + d["b"][:k].nbytes) + corr_bytes for k in d["ranks"]],
             "loss": [float(x) for x in loss],
         }
         layers.append(meta)

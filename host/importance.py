@@ -33,25 +33,27 @@ def weight_feed_executable(graph: Graph, weights: Sequence[str], backend: str = 
 def score_truncations(
     graph: Graph,
     feeds: dict[str, np.ndarray],
-    layers: Sequence[tuple[str, Sequence[np.ndarray]]],
+    layers: Sequence[Sequence[dict[str, np.ndarray]]],
     backend: str = "auto",
     progress: Callable[[int, int], None] | None = None,
 ) -> list[list[float]]:
-    """Relative output error for each candidate weight of each layer.
+    """Relative output error for each truncation level of each layer.
 
-    ``layers`` lists ``(weight name, [truncated dense weight per level])``. Returns one list of
-    losses per layer, made non-increasing in the level (a larger rank never predicts more loss).
+    ``layers[i][j]`` maps constant names (the weight, and the bias when a correction changes it)
+    to their values at level ``j`` of layer ``i``; every other constant keeps its dense value.
+    Returns one list of losses per layer, made non-increasing in the level (a larger rank never
+    predicts more loss).
     """
-    names = [w for w, _ in layers]
+    names = sorted({name for levels in layers for level in levels for name in level})
     exe = weight_feed_executable(graph, names, backend)
     dense = {w: graph.initializers[w] for w in names}
     ref = exe.run({**feeds, **dense})
     scale = sum(float(np.sum(np.square(v, dtype=np.float64))) for v in ref.values()) or 1.0
     out: list[list[float]] = []
-    for i, (w, levels) in enumerate(layers):
+    for i, levels in enumerate(layers):
         losses = []
-        for wk in levels:
-            y = exe.run({**feeds, **dense, w: wk})
+        for override in levels:
+            y = exe.run({**feeds, **dense, **override})
             err = sum(float(np.sum(np.square(y[k].astype(np.float64) - ref[k]))) for k in ref)
             losses.append(err / scale)
         out.append([float(x) for x in np.minimum.accumulate(losses)])

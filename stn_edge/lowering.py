@@ -77,6 +77,64 @@ def assemble(layer: dict[str, Any], level: int, rows: dict[str, np.ndarray]) -> 
     return rows if fn is None else fn(layer, level, rows)
 
 
+#: key of the per-level output correction ``(2, out)``: scale and shift per output channel
+CORRECTION = "__correction__"
+#: family -> (factor, axis) that holds the output channels: the correction's scale folds into it
+_OUTPUT_FACTOR: dict[str, tuple[str, int]] = {"svd": ("b", 1)}
+
+
+def apply_correction(layer: dict[str, Any], factors: dict[str, np.ndarray], corr: np.ndarray) -> dict[str, np.ndarray]:
+    """Factors with the level's output ``scale`` folded in (new arrays), plus the correction itself.
+
+    ``factors`` must be arrays this call may own. Families without an output factor keep their
+    factors and get the scale as one Mul after the layer (see :func:`lower`).
+    """
+    out = dict(factors)
+    spec = _OUTPUT_FACTOR.get(layer["family"])
+    if spec is not None:
+        name, axis = spec
+        shape = [1] * out[name].ndim
+        shape[axis] = -1
+        out[name] = out[name] * corr[0].reshape(shape)
+    out[CORRECTION] = corr
+    return out
+
+
+def remove_correction(layer: dict[str, Any], held: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The raw factor rows back from what :func:`apply_correction` returned."""
+    if CORRECTION not in held:
+        return held
+    out = {k: v for k, v in held.items() if k != CORRECTION}
+    spec = _OUTPUT_FACTOR.get(layer["family"])
+    if spec is not None:
+        name, axis = spec
+        shape = [1] * out[name].ndim
+        shape[axis] = -1
+        out[name] = out[name] / held[CORRECTION][0].reshape(shape)
+    return out
+
+
+def _corrected_bias(node: Node, layer: dict[str, Any], corr: np.ndarray, inits: dict[str, np.ndarray]) -> tuple[Node, list[Node]]:
+    """Point ``node`` at a bias with the level's shift (and scale) applied; extra nodes if the scale is not folded."""
+    scale, shift = corr[0], corr[1]
+    bias_name = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else ""
+    bias = inits[bias_name] if bias_name else np.zeros_like(shift)
+    new_name = f"{layer['name']}::bias"
+    extra: list[Node] = []
+    out_name = node.outputs[0]
+    if layer["family"] in _OUTPUT_FACTOR:
+        inits[new_name] = (bias * scale + shift).astype(shift.dtype)
+    else:  # y = scale * (W x + bias + shift / scale)
+        inits[new_name] = (bias + shift / scale).astype(shift.dtype)
+        inits[f"{layer['name']}::scale"] = scale.reshape(-1, *([1] * (len(layer["dense"]["shape"]) - 2 if layer["kind"] == "conv" else 0)))
+        pre = f"{out_name}::unscaled"
+        extra.append(Node("Mul", f"{node.name}::scale", [pre, f"{layer['name']}::scale"], [out_name]))
+        out_name = pre
+    new = Node(node.op, node.name, [node.inputs[0], node.inputs[1], new_name], [out_name] + node.outputs[1:],
+               dict(node.attrs), node.domain)
+    return new, extra
+
+
 def families() -> list[str]:
     """Names of the decomposition families this version can lower."""
     return sorted({f for f, _ in _LOWERERS})
@@ -107,6 +165,10 @@ def lower(graph: Graph, layers: list[dict[str, Any]], held: dict[str, Any]) -> G
             inits[layer["weight"]] = value
             nodes.append(node)
             continue
+        extra: list[Node] = []
+        if CORRECTION in value:
+            node, extra = _corrected_bias(node, layer, value[CORRECTION], inits)
+            value = {k: v for k, v in value.items() if k != CORRECTION}
         key = (layer["family"], layer["kind"])
         if key not in _LOWERERS:
             raise ArtifactError(
@@ -114,6 +176,6 @@ def lower(graph: Graph, layers: list[dict[str, Any]], held: dict[str, Any]) -> G
                 f"known: {', '.join(families())}. Upgrade stn-edge."
             )
         new_nodes, new_inits = _LOWERERS[key](node, layer, value)
-        nodes.extend(new_nodes)
+        nodes.extend(new_nodes + extra)
         inits.update(new_inits)
     return Graph(nodes=nodes, inputs=graph.inputs, outputs=graph.outputs, initializers=inits, opset=graph.opset)

@@ -1,0 +1,95 @@
+"""Per-level output statistics correction: what truncation does to BatchNorm statistics, undone.
+
+BatchNorm is folded into the convolution before baking, so the layer that follows a truncated
+weight sees outputs whose per-channel mean and spread have drifted from what the network was
+trained with. For every ladder level this module measures, on calibration inputs, the affine map
+per output channel that restores the full-rank output's mean and standard deviation::
+
+    y_corrected = scale * y_truncated + shift        (per output channel, bias included in y)
+
+That is the BatchNorm re-estimation one would do after truncating, reduced to two numbers per
+channel per level, so the device applies it with no data and no extra op (the scale folds into the
+last factor and the shift into the bias).
+
+Statistics are computed in closed form from the rank-major factors: with ``Z = a * x`` (all
+components, once) the truncated output's mean is ``b[:k]^T mean(Z[:k])`` and its variance
+``b[:k,c]^T Cov(Z[:k]) b[:k,c]``, so every level costs a few small matrix products.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from stn_edge.graph import Graph, ValueInfo
+from stn_edge.host.layers import Candidate
+
+
+def layer_inputs(graph: Graph, candidates: Sequence[Candidate], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The input activation of every candidate layer on ``feeds`` (weight name -> array)."""
+    from stn_edge.device.backends import get_backend
+
+    wanted = {c.node.inputs[0] for c in candidates} - {v.name for v in graph.inputs}
+    probe = Graph(graph.nodes, graph.inputs, graph.outputs + [ValueInfo(n, [], "float32") for n in sorted(wanted)],
+                  graph.initializers, graph.opset)
+    values = get_backend("numpy").prepare(probe).run(feeds)
+    values.update(feeds)
+    return {c.weight: values[c.node.inputs[0]] for c in candidates}
+
+
+def _channel_stats(y: np.ndarray, channel_axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and second moment of ``y`` over every other axis, in float64."""
+    y = np.moveaxis(y.astype(np.float64), channel_axis, 0).reshape(y.shape[channel_axis], -1)
+    return y.mean(axis=1), y
+
+
+def level_corrections(cand: Candidate, w: np.ndarray, bias: np.ndarray | None, a: np.ndarray, b: np.ndarray,
+                      ranks: Sequence[int], x: np.ndarray, min_std: float = 1e-6) -> np.ndarray:
+    """``(levels, 2, out)`` float32: per level, the per-channel ``scale`` and ``shift``.
+
+    ``a`` is the rank-major input factor in the node's weight form (``(r, in, *k)`` for conv,
+    ``(r, in)`` for linear), ``b`` the ``(r, out)`` output factor, ``x`` the layer's input activation.
+    """
+    if cand.kind == "conv":
+        from stn_edge.device.backends.numpy import conv
+
+        attrs = {k: v for k, v in cand.node.attrs.items() if k in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")}
+        attrs["kernel_shape"] = list(a.shape[2:])
+        z = conv(x.astype(np.float32), a.astype(np.float32), **attrs)  # (N, r, *spatial)
+        full = conv(x.astype(np.float32), w.astype(np.float32), **{**attrs, "kernel_shape": list(w.shape[2:])})
+        axis = 1
+    else:
+        mat = w.T if cand.layout == "in_out" else w  # (out, in)
+        z = x @ a.T
+        full = x @ mat.T
+        axis = x.ndim - 1
+    zc = np.moveaxis(z.astype(np.float64), axis, 0).reshape(z.shape[axis], -1)  # (r, samples)
+    mz = zc.mean(axis=1)
+    cov = np.cov(zc, bias=True) if zc.shape[1] > 1 else np.zeros((len(mz), len(mz)))
+    cov = np.atleast_2d(cov)
+    mu_full, yf = _channel_stats(full, axis)
+    sd_full = yf.std(axis=1)
+    bias = np.zeros(len(mu_full)) if bias is None else bias.astype(np.float64)
+    b64 = b.astype(np.float64)
+    out = np.empty((len(ranks), 2, len(mu_full)), np.float32)
+    for j, k in enumerate(ranks):
+        bk = b64[:k]  # (k, out)
+        mu_k = bk.T @ mz[:k]
+        var_k = np.einsum("ko,kl,lo->o", bk, cov[:k, :k], bk)
+        sd_k = np.sqrt(np.maximum(var_k, 0.0))
+        scale = np.where(sd_k > min_std, sd_full / np.maximum(sd_k, min_std), 1.0)
+        # y = scale * (W_k x + bias) + shift must have the full output's mean (mu_full + bias)
+        shift = (mu_full + bias) - scale * (mu_k + bias)
+        out[j, 0], out[j, 1] = scale, shift
+    return out
+
+
+def corrected_weight(cand: Candidate, w_k: np.ndarray, bias: np.ndarray | None, corr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The dense weight and bias equivalent to level weight ``w_k`` with correction ``corr (2, out)``."""
+    scale, shift = corr[0].astype(np.float64), corr[1].astype(np.float64)
+    if cand.layout == "in_out":
+        w = w_k * scale[None, :]
+    else:
+        w = w_k * scale.reshape(-1, *([1] * (w_k.ndim - 1)))
+    b = (np.zeros_like(scale) if bias is None else bias.astype(np.float64)) * scale + shift
+    return w.astype(w_k.dtype), b.astype(w_k.dtype)
