@@ -184,6 +184,10 @@ class ByteSource:
         """Exactly ``size`` bytes at ``offset``; :class:`ArtifactError` when they are not there."""
         raise NotImplementedError
 
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``offset`` (sources override this to skip a copy)."""
+        buf[:] = self.read(offset, len(buf))
+
     def prefetch(self, spans: list[tuple[int, int]]) -> None:
         """Hint: the ``(offset, size)`` spans will be read next. Remote sources fetch them in few requests."""
 
@@ -205,6 +209,7 @@ class _Source(ByteSource):
     def __init__(self, source: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO):
         self._lock = threading.Lock()
         self._owned = False
+        self._direct = not hasattr(source, "read")  # we open the file (or buffer): readinto is safe
         if isinstance(source, (bytes, bytearray, memoryview)):
             self._fh: BinaryIO = io.BytesIO(bytes(source))
             self.name = "<bytes>"
@@ -235,6 +240,20 @@ class _Source(ByteSource):
         if len(data) != size:
             raise ArtifactError(f"{self.name}: file is truncated (wanted {size} bytes at {offset})")
         return data
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        if not self._direct:  # a caller's file object: use only the read/seek it promised
+            buf[:] = self.read(offset, len(buf))
+            return
+        self._check_span(offset, len(buf))
+        got = 0
+        with self._lock:
+            self._fh.seek(offset)
+            while got < len(buf):  # raw files may return short reads
+                n = self._fh.readinto(buf[got:])
+                if not n:
+                    raise ArtifactError(f"{self.name}: file is truncated (wanted {len(buf)} bytes at {offset})")
+                got += n
 
     def close(self) -> None:
         if self._owned:
@@ -329,8 +348,7 @@ class ArtifactReader:
     def read_array(self, ref: dict[str, Any] | ArrayRef) -> np.ndarray:
         """Read a whole stored array (all its blocks), verified."""
         aref = ref if isinstance(ref, ArrayRef) else self.array_ref(ref)
-        data = self._read_blocks(aref.blocks)
-        return np.frombuffer(data, dtype=DTYPES[aref.dtype]).reshape(aref.shape).copy()
+        return self._read_blocks(aref.blocks, aref.dtype, aref.shape)
 
     def read_rows(self, ref: dict[str, Any] | ArrayRef, start: int, stop: int) -> np.ndarray:
         """Read row segments ``[start, stop)`` of a rank-major array; return those rows, verified."""
@@ -339,8 +357,7 @@ class ArtifactReader:
             raise ArtifactError(f"{self.name}: segments [{start}, {stop}) out of range (array has {len(aref.blocks)})")
         ends = (0,) + aref.row_ends
         rows = ends[stop] - ends[start]
-        data = self._read_blocks(aref.blocks[start:stop])
-        return np.frombuffer(data, dtype=DTYPES[aref.dtype]).reshape((rows,) + aref.shape[1:]).copy()
+        return self._read_blocks(aref.blocks[start:stop], aref.dtype, (rows,) + aref.shape[1:])
 
     def prefetch(self, refs: Iterable[tuple[dict[str, Any] | ArrayRef, int, int | None]]) -> int:
         """Tell the source which blocks come next: ``(ref, start, stop)`` row segments (``stop``
@@ -356,32 +373,41 @@ class ArtifactReader:
             self._src.prefetch(spans)
         return sum(s for _, s in spans)
 
-    def _read_blocks(self, blocks: tuple[tuple[int, int, bytes], ...]) -> bytes:
+    def _read_blocks(self, blocks: tuple[tuple[int, int, bytes], ...], dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The blocks' bytes as a new array of ``shape``, read straight into it (no second copy), verified."""
+        out = np.empty(shape, dtype=DTYPES[dtype])
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        if len(buf) != sum(b[1] for b in blocks):
+            raise ArtifactError(f"{self.name}: blocks hold {sum(b[1] for b in blocks)} bytes, shape {shape} needs {len(buf)}")
         if not blocks:
-            return b""
-        data = self._fetch_blocks(blocks)
+            return out
+        self._fetch_blocks(blocks, buf)
         if self.verify:
-            bad = self._bad_block(blocks, data)
+            bad = self._bad_block(blocks, buf)
             if bad is not None and self._src.discard(self.data_start + bad[0], bad[1]):
-                data = self._fetch_blocks(blocks)  # a cached or in-flight copy was bad: read once more
-                bad = self._bad_block(blocks, data)
+                self._fetch_blocks(blocks, buf)  # a cached or in-flight copy was bad: read once more
+                bad = self._bad_block(blocks, buf)
             if bad is not None:
                 raise ArtifactError(
                     f"{self.name}: block at offset {bad[0]} ({bad[1]} bytes) fails its SHA-256 check; the file is corrupt"
                 )
-        return data
+        return out
 
-    def _fetch_blocks(self, blocks: tuple[tuple[int, int, bytes], ...]) -> bytes:
+    def _fetch_blocks(self, blocks: tuple[tuple[int, int, bytes], ...], buf: memoryview) -> None:
         first, last = blocks[0], blocks[-1]
         contiguous = all(b[0] == a[0] + a[1] for a, b in zip(blocks, blocks[1:]))
-        if contiguous:
-            return self._read(self.data_start + first[0], last[0] + last[1] - first[0])
-        return b"".join(self._read(self.data_start + o, s) for o, s, _ in blocks)
+        spans = [(first[0], last[0] + last[1] - first[0])] if contiguous else [(o, s) for o, s, _ in blocks]
+        pos = 0
+        for offset, size in spans:
+            self._src.read_into(self.data_start + offset, buf[pos : pos + size])
+            pos += size
+            with self._count_lock:
+                self.bytes_read += size
 
     @staticmethod
-    def _bad_block(blocks: tuple[tuple[int, int, bytes], ...], data: bytes) -> tuple[int, int] | None:
+    def _bad_block(blocks: tuple[tuple[int, int, bytes], ...], data: memoryview) -> tuple[int, int] | None:
         """``(offset, size)`` of the first block whose bytes do not match its SHA-256, or None."""
-        view, pos = memoryview(data), 0
+        view, pos = data, 0
         for offset, size, digest in blocks:
             if hashlib.sha256(view[pos : pos + size]).digest() != digest:
                 return offset, size
@@ -531,6 +557,13 @@ def _validate_layer(v: "_Validator", layer: Any, where: str) -> None:
         for j, block in enumerate(ref["blocks"]):
             total += block["size"]
             held[j] += total
+    corr = layer.get("corrections")
+    if corr is not None:  # one (2, out) row per level: per-channel output scale and shift at that level
+        v.array(corr, f"{where}.corrections", rows=True)
+        if corr["row_ends"] != list(range(1, len(ranks) + 1)) or len(corr["shape"]) != 3 or corr["shape"][1] != 2:
+            v.fail(f"{where}.corrections must hold one (2, out) row per ladder level")
+        for j, block in enumerate(corr["blocks"]):
+            held[j] += block["size"]  # only level j's row is read for level j
     for j, (cost, have) in enumerate(zip(costs, held)):
         if have != cost:
             v.fail(f"{where}.ladder.bytes[{j}] = {cost} but its factor blocks hold {have} bytes")

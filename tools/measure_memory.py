@@ -1,0 +1,138 @@
+"""Measure what a loaded model really costs: process memory growth against ``mem_limit``.
+
+Each measurement runs in a fresh process (``--probe``), so nothing else in the interpreter moves the
+numbers. The probe imports the engine first (its library code is not per-model), reads ``VmRSS``,
+loads the artifact at the budget, runs one inference, and reads ``VmRSS`` again; the peak comes
+from ``VmHWM`` after resetting it through ``/proc/self/clear_refs``.
+
+    python tools/measure_memory.py                          # bake the demo MLP, print the table
+    python tools/measure_memory.py --artifact model.stn --backends numpy onnxruntime
+    python tools/measure_memory.py --probe model.stn --backend numpy --mem-limit 50% --json
+
+The table in docs/RELIABILITY.md ("Memory that is true") comes from the first command.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BUDGETS = ("100%", "50%", "25%", "10%")
+
+
+def _status() -> dict[str, int]:
+    with open("/proc/self/status") as fh:
+        fields = dict(line.split(":", 1) for line in fh if ":" in line)
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def probe(artifact: str, backend: str, mem_limit: str, batch: int = 1) -> dict:
+    """Load ``artifact`` at ``mem_limit`` on ``backend`` in this process; return the measurements."""
+    import numpy as np
+
+    from stn_edge.device import Runtime
+    from stn_edge.device.backends import get_backend
+    from stn_edge.device.memory import engine_memory
+    from stn_edge.graph import DTYPES
+
+    get_backend(backend)  # the engine's library code is loaded before measuring
+    gc.collect()
+    peak_ok = _reset_peak()
+    before = _status()
+    rt = Runtime.load(artifact, mem_limit=mem_limit, backend=backend)
+    loaded = _status()
+    feeds = {
+        spec.name: np.zeros([batch if isinstance(d, str) else d for d in spec.shape], DTYPES[spec.dtype])
+        for spec in rt._template.inputs
+    }
+    rt.run(feeds)
+    after = _status()
+    engine = engine_memory(backend)
+    return {
+        "backend": backend,
+        "mem_limit": mem_limit,
+        "batch": batch,
+        "limit_bytes": engine.footprint(rt.plan.budget),
+        "counted_bytes": rt.footprint(),
+        "weight_bytes": rt.plan.total_bytes,
+        "growth_after_load": loaded["VmRSS"] - before["VmRSS"],
+        "growth_after_first_run": after["VmRSS"] - before["VmRSS"],
+        "peak_growth": after["VmHWM"] - before["VmRSS"] if peak_ok else None,
+        "constant_bytes": engine.fixed_bytes,
+        "weight_copies": engine.weight_copies,
+    }
+
+
+def probe_in_subprocess(artifact: str | os.PathLike, backend: str, mem_limit: str, batch: int = 1,
+                        timeout: float = 120.0) -> dict:
+    """Run :func:`probe` in a fresh interpreter; return its measurements."""
+    cmd = [sys.executable, __file__, "--probe", str(artifact), "--backend", backend, "--mem-limit", mem_limit,
+           "--batch", str(batch), "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed ({backend}, {mem_limit}):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bake_demo(path: str | os.PathLike) -> Path:
+    """The model of the memory table: 4 x Linear(1024, 1024) + ReLU, then Linear(1024, 16) (~16 MiB)."""
+    import torch
+
+    from stn_edge.host import bake
+
+    torch.manual_seed(0)
+    layers = [m for _ in range(4) for m in (torch.nn.Linear(1024, 1024), torch.nn.ReLU())]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(1024, 16))
+    bake(model, torch.randn(2, 1024), path, calibration=torch.randn(16, 1024), importance="spectral", progress=False)
+    return Path(path)
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--probe", metavar="ARTIFACT", help="measure once, in this process")
+    ap.add_argument("--artifact", help="artifact for the table (default: bake the demo MLP)")
+    ap.add_argument("--backend", default="numpy")
+    ap.add_argument("--backends", nargs="+", default=["numpy", "onnxruntime"])
+    ap.add_argument("--mem-limit", default="100%")
+    ap.add_argument("--budgets", nargs="+", default=list(BUDGETS))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.probe:
+        result = probe(args.probe, args.backend, args.mem_limit, args.batch)
+        print(json.dumps(result) if args.json else result)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = args.artifact or bake_demo(Path(tmp) / "demo.stn")
+        print(f"{'backend':12} {'mem_limit':9} {'limit MiB':>9} {'weights':>8} {'load':>8} {'1st run':>8} "
+              f"{'peak':>8} {'const':>6}  within")
+        for backend in args.backends:
+            for budget in args.budgets:
+                r = probe_in_subprocess(artifact, backend, budget, args.batch)
+                ok = r["growth_after_first_run"] <= r["limit_bytes"] + r["constant_bytes"]
+                print(f"{backend:12} {budget:9} {_mib(r['limit_bytes']):>9} {_mib(r['weight_bytes']):>8} "
+                      f"{_mib(r['growth_after_load']):>8} {_mib(r['growth_after_first_run']):>8} "
+                      f"{_mib(r['peak_growth']):>8} {_mib(r['constant_bytes']):>6}  {'yes' if ok else 'NO'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
