@@ -84,7 +84,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 30, stre
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(b)
+            total += float(loss.detach()) * len(b)
         if epoch % 5 == 4 or epoch == epochs - 1:
             log(f"[train] epoch {epoch + 1}/{epochs} loss {total / len(xt):.3f}")
     model.eval()
