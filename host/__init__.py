@@ -4,6 +4,7 @@ Needs the ``host`` extra (torch, tensorly, onnx, onnxruntime).
 """
 from stn_edge.host.bake import BakeReport, bake
 from stn_edge.host.export import capture, export_onnx
+from stn_edge.host.finetune import BudgetSampledFinetuner
 from stn_edge.host.regularizer import LowRankRegularizer
 
-__all__ = ["BakeReport", "LowRankRegularizer", "bake", "capture", "export_onnx"]
+__all__ = ["BakeReport", "BudgetSampledFinetuner", "LowRankRegularizer", "bake", "capture", "export_onnx"]
