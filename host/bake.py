@@ -133,7 +133,7 @@ def bake(
         say(f"decomposed {i + 1}/{len(candidates)}: {cand.name} {decomposed[-1]['meta']['dense']['shape']}")
     if correct and decomposed:
         say("measuring per-level output statistics")
-        inputs = layer_inputs(graph, [d["cand"] for d in decomposed], score_feeds)
+        inputs = layer_inputs(graph, [d["cand"] for d in decomposed if _bias_name(d["cand"])], score_feeds)
         for d in decomposed:
             cand = d["cand"]
             if _bias_name(cand):

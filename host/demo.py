@@ -90,6 +90,27 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 30, stre
     model.eval()
 
 
+def finetune(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 4, log=print) -> None:
+    """Budget-sampled fine-tuning: train through the truncations the planner picks at sampled budgets."""
+    from stn_edge.host.finetune import BudgetSampledFinetuner
+
+    ft = BudgetSampledFinetuner(model, budgets=(0.08, 1.0))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    model.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(len(xt))
+        for i in range(0, len(xt), 64):
+            b = perm[i:i + 64]
+            loss = ft.step_loss(lambda m: nn.functional.cross_entropy(m(xt[b]), yt[b]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        log(f"[finetune] epoch {epoch + 1}/{epochs} loss {float(loss.detach()):.3f}")
+    ft.finish()
+    model.eval()
+
+
 def accuracy(run, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.argmax(run(x), axis=1) == y))
 
@@ -106,7 +127,7 @@ def median_latency_ms(fn, x: np.ndarray, repeats: int = 50) -> float:
 
 
 def run_demo(budgets=("100%", "50%", "25%", "10%"), backend: str = "auto", out: str | None = None,
-             epochs: int = 30, quiet: bool = False) -> list[dict]:
+             epochs: int = 24, finetune_epochs: int = 4, quiet: bool = False) -> list[dict]:
     """Train, bake, load at each budget; print and return one row per budget."""
     from stn_edge.device import Runtime
     from stn_edge.errors import BudgetError
@@ -118,6 +139,9 @@ def run_demo(budgets=("100%", "50%", "25%", "10%"), backend: str = "auto", out: 
     log(f"[demo] training a residual CNN ({sum(p.numel() for p in model.parameters())} parameters) on "
         f"{len(xtr)} scikit-learn digits with the low-rank regularizer")
     train(model, xtr, ytr, epochs=epochs, log=log)
+    if finetune_epochs:
+        log("[demo] budget-sampled fine-tuning (each step trains through truncations at sampled budgets)")
+        finetune(model, xtr, ytr, epochs=finetune_epochs, log=log)
     with torch.no_grad():
         dense_acc = float((model(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean())
     log(f"[demo] dense PyTorch accuracy {dense_acc:.1%}")

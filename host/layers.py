@@ -43,33 +43,48 @@ class Skipped:
 
 
 def find_layers(graph: Graph, min_bytes: int = MIN_FACTOR_BYTES) -> tuple[list[Candidate], list[Skipped]]:
-    """Every Conv/Gemm/MatMul weight in ``graph``: the factorizable ones and the skipped ones."""
+    """Every constant weight of a Conv/Gemm/MatMul, and every embedding table read by Gather.
+
+    Returns the factorizable ones and the skipped ones with the reason.
+    """
     found: list[Candidate] = []
     skipped: list[Skipped] = []
     inits = graph.initializers
     for node in graph.nodes:
-        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+        weight = _weight_input(node)
+        if not weight or weight not in inits:
             continue
-        weight = node.inputs[1]
-        if weight not in inits:
-            continue
-        w = inits[weight]
-        reason = _why_not(graph, node, w, min_bytes)
+        reason = _why_not(graph, node, weight, inits[weight], min_bytes)
         if reason:
             skipped.append(Skipped(layer_name(node, weight), node.name, reason))
             continue
-        found.append(Candidate(node, weight, "conv" if node.op == "Conv" else "linear", _layout(node)))
+        found.append(Candidate(node, weight, _kind(node), _layout(node)))
     return found, skipped
 
 
+def _weight_input(node: Node) -> str:
+    """The input a node reads its weight from: the kernel of Conv/Gemm/MatMul, the table of Gather."""
+    if node.op in ("Conv", "Gemm", "MatMul") and len(node.inputs) >= 2:
+        return node.inputs[1]
+    if node.op == "Gather" and len(node.inputs) == 2:
+        return node.inputs[0]
+    return ""
+
+
+def _kind(node: Node) -> str:
+    return {"Conv": "conv", "Gather": "embedding"}.get(node.op, "linear")
+
+
 def _layout(node: Node) -> str:
+    """``conv`` (out, in, *k); ``out_in`` (Gemm transB=1); ``in_out`` (MatMul, Gemm transB=0, and
+    embedding tables (vocab, dim), which factorize like a MatMul weight read by row)."""
     if node.op == "Conv":
         return "conv"
     return "out_in" if node.op == "Gemm" and node.attrs.get("transB", 0) else "in_out"
 
 
-def _why_not(graph: Graph, node: Node, w: np.ndarray, min_bytes: int) -> str:
-    if len(graph.consumers(node.inputs[1])) > 1:
+def _why_not(graph: Graph, node: Node, weight: str, w: np.ndarray, min_bytes: int) -> str:
+    if len([n for n in graph.nodes if weight in n.inputs]) > 1:
         return "shared weight (used by several nodes)"
     if w.dtype.kind != "f":
         return f"weight dtype {w.dtype} is not floating point"
@@ -79,6 +94,8 @@ def _why_not(graph: Graph, node: Node, w: np.ndarray, min_bytes: int) -> str:
         return "Gemm with transA/alpha/beta is not factorized"
     if node.op == "MatMul" and w.ndim != 2:
         return f"batched MatMul weight of rank {w.ndim}"
+    if node.op == "Gather" and (w.ndim != 2 or int(node.attrs.get("axis", 0)) != 0):
+        return "Gather that is not a row lookup in a 2-D table"
     if w.nbytes < min_bytes:
         return f"too small ({w.nbytes} bytes < {min_bytes})"
     m = w.shape[1] if _layout(node) == "in_out" else w.shape[0]

@@ -194,7 +194,8 @@ def cmd_bake(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from stn_edge.host.demo import run_demo
 
-    rows = run_demo(backend=args.backend, out=args.output, epochs=args.epochs, quiet=args.json)
+    rows = run_demo(backend=args.backend, out=args.output, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                    quiet=args.json)
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="train, bake and load a digits CNN at 100/50/25/10%% budgets")
     sp.add_argument("--backend", default="auto")
     sp.add_argument("--output", help="keep the artifact at this path")
-    sp.add_argument("--epochs", type=int, default=30)
+    sp.add_argument("--epochs", type=int, default=24, help="regularized training epochs")
+    sp.add_argument("--finetune-epochs", type=int, default=4, help="budget-sampled fine-tuning epochs (0: off)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_demo)
     return p

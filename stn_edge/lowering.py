@@ -8,6 +8,7 @@ Factor conventions (rank-major: the first axis is the rank, so a prefix of rows 
 
 ``svd``, kind ``conv``   ``a (r, C_in, *k)``, ``b (r, C_out)``: Conv(x, a) then 1x1 Conv(., b^T) + bias
 ``svd``, kind ``linear`` ``a (r, in)``, ``b (r, out)``: MatMul(x, a^T) then MatMul/Gemm(., b) + bias
+``svd``, kind ``embedding`` ``a (r, vocab)``, ``b (r, dim)``: Gather(a^T, ids) then MatMul(., b)
 """
 from __future__ import annotations
 
@@ -45,6 +46,15 @@ def _svd_linear(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> 
     return [first, second], {w1: a.T, w2: b}
 
 
+def _svd_embedding(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
+    # table (vocab, dim) = a^T b: look rows up in a^T (vocab, k), then project with b (k, dim)
+    a, b = f["a"], f["b"]
+    w1, w2, mid = f"{layer['name']}::a", f"{layer['name']}::b", f"{node.outputs[0]}::r"
+    first = Node("Gather", f"{node.name}::a", [w1, node.inputs[1]], [mid], {"axis": 0})
+    second = Node("MatMul", f"{node.name}::b", [mid, w2], list(node.outputs))
+    return [first, second], {w1: a.T, w2: b}
+
+
 def _svd_reconstruct(layer: dict[str, Any], f: dict[str, np.ndarray]) -> np.ndarray:
     a, b = f["a"], f["b"]
     shape = tuple(layer["dense"]["shape"])
@@ -58,6 +68,7 @@ def _svd_reconstruct(layer: dict[str, Any], f: dict[str, np.ndarray]) -> np.ndar
 _LOWERERS: dict[tuple[str, str], Lowerer] = {
     ("svd", "conv"): _svd_conv,
     ("svd", "linear"): _svd_linear,
+    ("svd", "embedding"): _svd_embedding,
 }
 _RECONSTRUCT: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], np.ndarray]] = {
     "svd": _svd_reconstruct,

@@ -213,3 +213,53 @@ def test_pretrained_onet_full_budget_matches_and_keeps_accuracy(onet_artifact):
     with Runtime.load(path, mem_limit="50%", backend="numpy") as rt:
         acc = float(np.mean((rt.run(x)["face_prob"][:, 1] > 0.5) == y))
     assert acc >= 0.95  # face / non-face at half the bytes, no retraining
+
+
+class TinyText(torch.nn.Module):
+    """Token embedding (the largest tensor) + masked mean pooling + classifier: two inputs, two outputs."""
+
+    def __init__(self, vocab: int = 2000, dim: int = 64):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.fc = torch.nn.Linear(dim, 5)
+
+    def forward(self, ids, mask):
+        h = self.emb(ids) * mask.unsqueeze(-1)
+        pooled = h.sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+        return self.fc(pooled), pooled
+
+
+def test_embedding_table_is_factorized_and_exact_at_full_budget(tmp_path):
+    torch.manual_seed(0)
+    model = TinyText().eval()
+    # a table with decaying spectrum, as trained embeddings have
+    with torch.no_grad():
+        u, v = torch.randn(2000, 64), torch.randn(64, 64)
+        model.emb.weight.copy_((u * torch.logspace(0, -2, 64)) @ v)
+    ids = torch.randint(0, 2000, (16, 12))
+    mask = (torch.rand(16, 12) > 0.2).float()
+    path = tmp_path / "text.stn"
+    bake(model, (ids[:2], mask[:2]), path, calibration=(ids, mask), input_names=["ids", "mask"],
+         output_names=["logits", "pooled"], progress=False)
+    with torch.no_grad():
+        ref_logits, ref_pooled = model(ids, mask)
+    for backend in BACKENDS:
+        with Runtime.load(path, backend=backend) as rt:
+            emb = [l for l in rt.layers if l["kind"] == "embedding"]
+            assert len(emb) == 1 and emb[0]["name"] == "emb"
+            out = rt.run({"ids": ids.numpy(), "mask": mask.numpy()})
+            assert relative_error(out["logits"], ref_logits.numpy()) < 1e-4
+            assert relative_error(out["pooled"], ref_pooled.numpy()) < 1e-4
+        with Runtime.load(path, mem_limit="25%", backend=backend) as rt:
+            choice = rt.plan.choice("emb")
+            assert not choice.dense
+            out = rt.run({"ids": ids[:3].numpy(), "mask": mask[:3].numpy()})  # another batch size
+        # the reference: the same model with its table replaced by the best rank-k approximation
+        k = choice.rank
+        uu, ss, vv = torch.linalg.svd(model.emb.weight.detach().double(), full_matrices=False)
+        trunc = TinyText().eval()
+        trunc.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            trunc.emb.weight.copy_(((uu[:, :k] * ss[:k]) @ vv[:k]).float())
+            want = trunc(ids[:3], mask[:3])[1].numpy()
+        assert relative_error(out["pooled"], want) < 1e-4
