@@ -15,13 +15,13 @@ from typing import Any, BinaryIO, Mapping
 import numpy as np
 
 from stn_edge.device.backends import Backend, Executable, available_backends, get_backend
-from stn_edge.device.memory import counted_plan, engine_memory
+from stn_edge.device.memory import counted_plan, engine_memory, release_free_memory
 from stn_edge.device.remote import HttpSource, is_url
-from stn_edge.errors import ArtifactError, BackendError, InputError
+from stn_edge.errors import ArtifactError, BackendError, BudgetError, InputError
 from stn_edge.format import ArtifactReader
 from stn_edge.graph import DTYPES, Graph, graph_from_dict
 from stn_edge.lowering import CORRECTION, apply_correction, assemble, lower, remove_correction
-from stn_edge.plan import Plan, ladder_specs, plan_ranks
+from stn_edge.plan import PLANNERS, Plan, ladder_specs, plan_ranks
 
 #: engines tried by ``backend="auto"``, fastest first on CPU
 _AUTO_ORDER = ("onnxruntime", "numpy")
@@ -52,7 +52,9 @@ class Runtime:
         self._held: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._exe: Executable | None = None
+        self._lowered: Graph | None = None
         self.plan: Plan | None = None
+        self._planner = plan_ranks
 
     # ------------------------------------------------------------------ construction
 
@@ -65,6 +67,7 @@ class Runtime:
         device: str = "cpu",
         verify: bool = True,
         cache_dir: str | os.PathLike | None = None,
+        planner: str = "greedy",
     ) -> "Runtime":
         """Open ``source`` and prepare it to run within ``mem_limit``.
 
@@ -81,13 +84,18 @@ class Runtime:
         device : ``"cpu"`` or ``"cuda"`` where the backend supports it.
         verify : check the SHA-256 of every block read.
         cache_dir : for URL sources, a folder that keeps fetched byte ranges between loads.
+        planner : ``"greedy"`` (least predicted loss within the budget) or ``"uniform"`` (one rank
+            ratio for all layers; a baseline for comparisons).
         """
+        if planner not in PLANNERS:
+            raise BudgetError(f"unknown planner {planner!r}; available: {', '.join(PLANNERS)}")
         if is_url(source):
             source = HttpSource(source, cache_dir=cache_dir)
         reader = ArtifactReader(source, verify=verify)
         try:
             engine, reason = _choose_backend(backend, device)
             rt = cls(reader, engine, device, reason)
+            rt._planner = PLANNERS[planner]
             rt.rescale(mem_limit)
         except BaseException:
             reader.close()
@@ -125,7 +133,7 @@ class Runtime:
         ``plan.budget`` is the weight budget: ``mem_limit`` divided by the engine's copies.
         """
         return counted_plan(
-            lambda weights: plan_ranks(self._specs, self._fixed_bytes, weights, self.full_bytes), mem_limit,
+            lambda weights: self._planner(self._specs, self._fixed_bytes, weights, self.full_bytes), mem_limit,
             full_bytes=self.full_bytes, engine=engine_memory(self._backend), held=self.footprint(),
             first=self.plan is None,
         )
@@ -154,7 +162,8 @@ class Runtime:
             graph = lower(Graph(self._template.nodes, self._template.inputs, self._template.outputs,
                                 self._tensors, self._template.opset), self.layers, arrays)
             exe = self._backend.prepare(graph, self.device)
-            self._held, self._exe, self.plan = held, exe, plan
+            self._held, self._exe, self.plan, self._lowered = held, exe, plan, graph
+        release_free_memory()  # what the old plan held leaves the process's RSS, not only Python's heap
         return plan
 
     def _planned_reads(self, plan: Plan) -> list[tuple[dict[str, Any], int, int | None]]:
@@ -206,6 +215,13 @@ class Runtime:
             corr = self._reader.read_rows(layer["corrections"], choice.level, want)[0]
             rows = apply_correction(layer, rows, corr)
         return choice.level, rows
+
+    def lowered_graph(self) -> Graph:
+        """The plain-op graph the backend runs for the current plan (factors at the planned ranks).
+
+        Its initializers share memory with what the runtime holds; treat them as read-only.
+        """
+        return self._lowered
 
     # ------------------------------------------------------------------ running
 

@@ -251,6 +251,48 @@ def plan_ranks(specs: Sequence[LadderSpec], fixed_bytes: int, budget: int, full_
     return Plan(budget=budget, full_bytes=full_bytes, fixed_bytes=fixed_bytes, layers=layers)
 
 
+def plan_uniform(specs: Sequence[LadderSpec], fixed_bytes: int, budget: int, full_bytes: int) -> Plan:
+    """Baseline planner: one rank ratio for every layer, the largest that fits ``budget``.
+
+    Each layer keeps the largest ladder level whose rank is at most ``ratio * max_rank`` (its
+    smallest level if none is), or runs dense when that level would not save bytes. Losses are
+    ignored: this is the "uniform truncation" baseline the greedy planner is measured against.
+    """
+    def choose(ratio: float) -> list[tuple[int, float, int | None]]:
+        picked = []
+        for s in specs:
+            levels = [j for j, r in enumerate(s.ranks) if r <= ratio * s.max_rank] or [0]
+            j = levels[-1]
+            if ratio >= 1.0 or s.bytes[j] >= s.dense_bytes:
+                picked.append((s.dense_bytes, 0.0, None))
+            else:
+                picked.append((s.bytes[j], s.loss[j], j))
+        return picked
+
+    lo, hi = 0.0, 1.0
+    if fixed_bytes + sum(c[0] for c in choose(1.0)) <= budget:
+        lo = 1.0
+    else:
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if fixed_bytes + sum(c[0] for c in choose(mid)) <= budget:
+                lo = mid
+            else:
+                hi = mid
+    chosen = choose(lo)
+    used = fixed_bytes + sum(c[0] for c in chosen)
+    if used > budget:
+        raise BudgetError(f"budget {format_bytes(budget)} is below the smallest uniform plan, {format_bytes(used)}; "
+                          f"raise mem_limit to at least {used}", smallest_feasible=used)
+    layers = [LayerChoice(s.name, s.family, lvl, s.max_rank if lvl is None else s.ranks[lvl], s.max_rank, b, l)
+              for s, (b, l, lvl) in zip(specs, chosen)]
+    return Plan(budget=budget, full_bytes=full_bytes, fixed_bytes=fixed_bytes, layers=layers)
+
+
+#: planners by name: ``greedy`` (default, loss-aware) and ``uniform`` (one rank ratio, the baseline)
+PLANNERS = {"greedy": plan_ranks, "uniform": plan_uniform}
+
+
 def plan_artifact(reader: "ArtifactReader", mem_limit: int | float | str | None) -> Plan:
     """The plan ``mem_limit`` gets for an open artifact; reads nothing but the header."""
     specs, fixed = ladder_specs(reader)

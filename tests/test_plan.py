@@ -107,3 +107,16 @@ def test_plan_holds_for_hundreds_of_layers():
         assert plan.total_bytes <= int(full * frac)
         # the greedy leaves less unused budget than the smallest single upgrade step
         assert int(full * frac) - plan.total_bytes < max(s.dense_bytes for s in specs)
+
+
+def test_uniform_planner_keeps_one_ratio_and_fits():
+    from stn_edge.plan import plan_uniform
+
+    specs = _random_specs(np.random.default_rng(6), 6, levels=8)
+    full = sum(s.dense_bytes for s in specs)
+    plan = plan_uniform(specs, 0, full // 3, full)
+    assert plan.total_bytes <= full // 3
+    ratios = [c.rank / c.max_rank for c in plan.layers if not c.dense]
+    assert max(ratios) - min(ratios) < 0.35  # one ratio, up to the ladders' granularity
+    greedy = plan_ranks(specs, 0, full // 3, full)
+    assert greedy.loss <= plan.loss + 1e-12  # the loss-aware planner is never worse
