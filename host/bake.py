@@ -83,6 +83,7 @@ def bake(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     levels: int = 32,
+    structure: str | Sequence[str] = "svd",
     importance: str = "data",
     min_bytes: int = 4096,
     score_samples: int = 128,
@@ -99,6 +100,8 @@ def bake(
         truncation level by its effect on the output, and whose first samples are stored in the
         artifact with reference outputs. Defaults to ``example_inputs``.
     levels : truncation levels per layer in the ladder (at most).
+    structure : ``"svd"`` (truncated SVD of the output matricization for every layer), ``"auto"``
+        (search the structure per layer), or a list of family names to choose from.
     importance : ``"data"`` (measured output error) or ``"spectral"`` (discarded singular energy).
     score_samples : calibration samples used to score truncation levels (the first ones).
     correct : store, per level, the per-channel output scale and shift that restore the full-rank
@@ -107,6 +110,7 @@ def bake(
     The artifact is written atomically: a failed bake leaves nothing at ``path``.
     """
     t0 = time.perf_counter()
+    families = _families(structure)
     say = _progress_printer(progress)
     say("capturing the graph")
     graph = capture(model, example_inputs, input_names=input_names, output_names=output_names) \
@@ -159,6 +163,18 @@ def bake(
     )
     say(f"done in {report.seconds:.1f} s")
     return report
+
+
+def _families(structure: str | Sequence[str]) -> list[str]:
+    """The decomposition families ``structure`` allows."""
+    known = ["svd"]
+    if structure == "auto":
+        return known
+    wanted = [structure] if isinstance(structure, str) else list(structure)
+    unknown = [f for f in wanted if f not in known]
+    if unknown:
+        raise ValueError(f"unknown decomposition families {unknown}; known: {', '.join(known)} (or 'auto')")
+    return wanted
 
 
 def _bias_name(cand: Candidate) -> str:

@@ -94,7 +94,7 @@ def main() -> None:
             report = bake(models[v["model"]], cal[:1], path, calibration=cal, structure=v["structure"],
                           importance=v["importance"], correct=v["correct"], levels=args.levels,
                           score_samples=args.calibration, progress=False)
-        except TypeError as exc:  # an older bake without the structure option
+        except (TypeError, ValueError) as exc:  # a family this bake does not offer
             print(f"skip {v['name']}: {exc}", flush=True)
             continue
         bake_s = time.perf_counter() - t0
