@@ -22,9 +22,13 @@ sizes from host memory, which is the wrong pool: give ``mem_limit`` in bytes.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 import os
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -66,7 +70,8 @@ class EngineMemory:
         return math.floor(budget / self._ratio)
 
 
-#: measured on x86-64 Linux, onnxruntime 1.2x (see docs/RELIABILITY.md, "Memory that is true").
+#: measured on x86-64 Linux, onnxruntime 1.32 CPU, by tools/measure_memory.py (docs/RELIABILITY.md, "Memory that is true").
+#: onnxruntime: 6.0 covers the peak while its session is built (~5.1x); it holds ~2.7x afterwards.
 #: numpy runs on the runtime's own arrays; onnxruntime serializes the graph and keeps its own
 #: initializers and pre-packed weights next to the runtime's arrays.
 ENGINE_MEMORY: dict[str, EngineMemory] = {
@@ -88,6 +93,27 @@ def engine_memory(backend: Any) -> EngineMemory:
         return declared
     name = backend if isinstance(backend, str) else getattr(backend, "name", "")
     return ENGINE_MEMORY.get(name, UNMEASURED_ENGINE)
+
+
+def release_free_memory() -> bool:
+    """Hand memory the allocator holds but no object uses back to the system (glibc ``malloc_trim``).
+
+    Freed arrays of a few MiB land in malloc's heap and stay counted in the process's RSS (and its
+    cgroup) until trimmed; the runtime calls this after every rescale so that going down shows up as
+    less memory used. Returns False where there is no glibc (musl, macOS, Windows): a no-op there.
+    """
+    trim = _malloc_trim()
+    return bool(trim and trim(0) is not None)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 # --------------------------------------------------------------------------- supply
@@ -236,7 +262,7 @@ def resolve_auto_budget(
     headroom: int | float | str | None = None,
     held: int = 0,
     reserve: int = 0,
-    memory: Callable[[], MemoryInfo] = available_memory,
+    memory: Callable[[], MemoryInfo] | None = None,
 ) -> int:
     """Bytes a model may use under ``mem_limit="auto"``: available memory + what the model already
     holds (``held``, counted bytes) - the headroom - ``reserve`` (an engine's fixed cost still to come).
@@ -248,7 +274,7 @@ def resolve_auto_budget(
     match = _AUTO_RE.match(mem_limit) if isinstance(mem_limit, str) else None
     if match is None:
         raise BudgetError(f"{mem_limit!r} is not an automatic budget; use 'auto', 'auto-256MB' or 'auto-15%'")
-    info = memory()
+    info = (memory or available_memory)()
     room = headroom_bytes(match.group("headroom") or headroom, info.limit)
     budget = info.available + held - room - reserve
     if budget <= 0:
@@ -296,7 +322,7 @@ class MemoryWatcher:
         headroom: int | float | str | None = None,
         interval: float = 1.0,
         grow_margin: float = 0.25,
-        memory: Callable[[], MemoryInfo] = available_memory,
+        memory: Callable[[], MemoryInfo] | None = None,
     ):
         if interval <= 0:
             raise ValueError(f"interval must be positive, not {interval!r}")

@@ -33,6 +33,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from email.message import Message
 from pathlib import Path
 from typing import BinaryIO
 
@@ -115,13 +116,14 @@ class HttpSource(ByteSource):
                         f"{HEAD_BYTES - 1}'), so only the whole artifact could be fetched. Serve it from a server "
                         "with range support, or pass HttpSource(url, full_download=True) to download it all"
                     )
-                self._download(stream, headers)
+                self._download(stream)
                 return b""
             self.size = self._parse_range(headers, 0, HEAD_BYTES - 1, total_known=False)
             head = self._read_body(stream, min(HEAD_BYTES, self.size))
         finally:
             stream.close()
-        self._etag = headers.get("ETag") if headers.get("ETag", "").startswith('"') else None
+        etag = headers.get("ETag") or ""
+        self._etag = etag if etag.startswith('"') else None  # a strong validator: If-Range needs one
         self._open_cache(head)
         return head
 
@@ -135,7 +137,7 @@ class HttpSource(ByteSource):
                 if m and path.stat().st_size == int(m.group(2)) - int(m.group(1)):
                     self._cached[(int(m.group(1)), int(m.group(2)))] = path
 
-    def _download(self, stream: BinaryIO, headers: dict[str, str]) -> None:
+    def _download(self, stream: BinaryIO) -> None:
         """Stream a 200 reply to disk: into the cache when there is one, else an anonymous temp file."""
         first = self._read_body(stream, PREAMBLE.size, exact=False)
         if self._cache_root is not None and len(first) == PREAMBLE.size:
@@ -175,7 +177,7 @@ class HttpSource(ByteSource):
 
     # ------------------------------------------------------------------ HTTP
 
-    def _request(self, start: int, stop: int) -> tuple[int, dict[str, str], BinaryIO]:
+    def _request(self, start: int, stop: int) -> tuple[int, Message, BinaryIO]:
         """Send ``Range: bytes=start-stop`` (inclusive); return status, headers and the open body."""
         headers = dict(self.headers, Range=f"bytes={start}-{stop}")
         if self._etag:
@@ -187,7 +189,7 @@ class HttpSource(ByteSource):
                 self.requests += 1
             try:
                 resp = urllib.request.urlopen(req, timeout=self.timeout)
-                return resp.status, {k: v for k, v in resp.headers.items()}, resp
+                return resp.status, resp.headers, resp  # headers: case-insensitive lookups
             except urllib.error.HTTPError as exc:
                 exc.close()
                 if exc.code == 416:
@@ -204,9 +206,9 @@ class HttpSource(ByteSource):
             delay *= 2.5
         raise AssertionError("unreachable")
 
-    def _parse_range(self, headers: dict[str, str], start: int, stop: int, total_known: bool = True) -> int:
+    def _parse_range(self, headers: Message, start: int, stop: int, total_known: bool = True) -> int:
         """Check a 206 reply's ``Content-Range`` against the request; return the artifact's size."""
-        value = headers.get("Content-Range", "")
+        value = headers.get("Content-Range") or ""
         m = _CONTENT_RANGE.match(value)
         if m is None or m.group(3) == "*":
             raise ArtifactError(f"{self.url}: range reply without a usable Content-Range ({value!r})")

@@ -53,6 +53,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._exe: Executable | None = None
         self._lowered: Graph | None = None
+        self._latency: tuple[Any, float] | None = None  # (LayerLatency, limit in ms)
         self.plan: Plan | None = None
         self._planner = plan_ranks
 
@@ -68,6 +69,8 @@ class Runtime:
         verify: bool = True,
         cache_dir: str | os.PathLike | None = None,
         planner: str = "greedy",
+        latency_limit_ms: float | None = None,
+        profile: Any = None,
     ) -> "Runtime":
         """Open ``source`` and prepare it to run within ``mem_limit``.
 
@@ -86,6 +89,11 @@ class Runtime:
         cache_dir : for URL sources, a folder that keeps fetched byte ranges between loads.
         planner : ``"greedy"`` (least predicted loss within the budget) or ``"uniform"`` (one rank
             ratio for all layers; a baseline for comparisons).
+        latency_limit_ms : also keep the latency predicted by ``profile`` within this, here and on
+            every :meth:`rescale` (see :func:`stn_edge.device.profile.plan_within_latency`).
+        profile : the per-layer latency table of this backend and device (a file written by
+            ``stn-edge profile --per-layer``, its dict, or a ``LayerLatency``); needed with
+            ``latency_limit_ms``.
         """
         if planner not in PLANNERS:
             raise BudgetError(f"unknown planner {planner!r}; available: {', '.join(PLANNERS)}")
@@ -96,6 +104,10 @@ class Runtime:
             engine, reason = _choose_backend(backend, device)
             rt = cls(reader, engine, device, reason)
             rt._planner = PLANNERS[planner]
+            if latency_limit_ms is not None:
+                from stn_edge.device.profile import LayerLatency  # imports this module
+
+                rt._latency = (LayerLatency.for_engine(profile, engine.name, device), float(latency_limit_ms))
             rt.rescale(mem_limit)
         except BaseException:
             reader.close()
@@ -132,11 +144,16 @@ class Runtime:
 
         ``plan.budget`` is the weight budget: ``mem_limit`` divided by the engine's copies.
         """
-        return counted_plan(
+        plan = counted_plan(
             lambda weights: self._planner(self._specs, self._fixed_bytes, weights, self.full_bytes), mem_limit,
             full_bytes=self.full_bytes, engine=engine_memory(self._backend), held=self.footprint(),
             first=self.plan is None,
         )
+        if self._latency is None:
+            return plan
+        from stn_edge.device.profile import plan_within_latency
+
+        return plan_within_latency(plan, self._specs, *self._latency)
 
     def footprint(self, plan: Plan | None = None) -> int:
         """Bytes ``plan`` (default: the current one) counts against ``mem_limit`` on this engine."""

@@ -488,6 +488,7 @@ def _validate_header(header: Any, data_avail: int, name: str) -> None:
         if node is None or not node["outputs"] or len(node["inputs"]) < 2 or layer["weight"] not in node["inputs"]:
             v.fail(f"layers[{i}] points at node {_short(layer['node'])}, which is missing or does not read weight "
                    f"{_short(layer['weight'])}")
+    _check_references(v, header["model"], set(header["tensors"]) | {layer["weight"] for layer in layers})
     cal = header.get("calibration")
     if cal is not None:
         v.map(cal, "calibration")
@@ -524,6 +525,17 @@ def _validate_model(v: "_Validator", model: dict) -> None:
             v.attr(value, f"{where}.attrs[{_short(aname)}]")
     v.unique([node["name"] for node in nodes], "model.nodes[].name")
     v.int(model.get("opset", 17), "model.opset")
+
+
+def _check_references(v: "_Validator", model: dict, constants: set) -> None:
+    """Every node input is a graph input, a constant (tensor or layer weight) or an earlier node's output."""
+    known = {info["name"] for info in model["inputs"]} | constants | {""}
+    for i, node in enumerate(model["nodes"]):
+        missing = [name for name in node["inputs"] if name not in known]
+        if missing:
+            v.fail(f"model.nodes[{i}] ({_short(node['name'])}) reads {_short(missing)}, which no graph input, tensor, "
+                   "layer weight or earlier node provides")
+        known.update(node["outputs"])
 
 
 def _validate_layer(v: "_Validator", layer: Any, where: str) -> None:

@@ -43,7 +43,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         m = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
-        if mode == "no-range" or m is None:
+        if_range = self.headers.get("If-Range")
+        if mode == "no-range" or m is None or (if_range is not None and if_range != srv.etag):
             self._send(200, data, {})
             return
         start, stop = int(m.group(1)), min(int(m.group(2)), len(data) - 1)
@@ -63,6 +64,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes, headers: dict[str, str], length: int | None = None) -> None:
         self.send_response(status)
+        if self.server.etag:
+            headers = {**headers, "ETag": self.server.etag}
         for k, v in headers.items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -79,6 +82,7 @@ class Server:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.data, self.httpd.mode, self.httpd.served, self.httpd.requests = data, "range", 0, 0
+        self.httpd.etag = None
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/model.stn"
@@ -194,6 +198,14 @@ def test_misbehaving_servers_are_refused(server, mode, message):
     server.reset(mode)
     with pytest.raises(ArtifactError, match=message):
         Runtime.load(HttpSource(server.url, retries=0, timeout=5), mem_limit="50%", backend="numpy")
+
+
+def test_artifact_replaced_between_requests_is_caught_by_if_range(server):
+    server.httpd.etag = '"v1"'
+    source = HttpSource(server.url, retries=0)  # the head, with ETag "v1"
+    server.httpd.etag = '"v2"'  # the file is replaced: If-Range "v1" no longer matches, the server sends it all
+    with pytest.raises(ArtifactError, match="stopped honouring ranges or the artifact changed"):
+        Runtime.load(source, mem_limit="50%", backend="numpy")
 
 
 def test_unreachable_server_is_an_artifact_error():

@@ -198,6 +198,8 @@ ATTACKS: dict[str, tuple[str, str, str, Callable[[bytes], bytes]]] = {
     "attr-tensor-size-lie": ("a tensor attribute whose data does not match its shape", "open", "data must be bytes",
                              _header_file(lambda h: h["model"]["nodes"][0]["attrs"].update(
                                  value={"tensor": {"dtype": "float32", "shape": [1000], "data": b"\0" * 4}}))),
+    "dangling-input": ("a node input that nothing provides (its tensor is gone)", "open", "which no graph input",
+                       _header_file(lambda h: h["tensors"].pop("c"))),
     "duplicate-node-name": ("two nodes with one name", "open", "appears twice",
                             _header_file(lambda h: h["model"]["nodes"][1].update(name=h["model"]["nodes"][0]["name"]))),
     "calibration-unknown-input": ("calibration for an input the model does not have", "open", "not a model input",
