@@ -20,11 +20,22 @@ from stn_edge.device.remote import HttpSource, is_url
 from stn_edge.errors import ArtifactError, BackendError, BudgetError, InputError
 from stn_edge.format import ArtifactReader
 from stn_edge.graph import DTYPES, Graph, graph_from_dict
-from stn_edge.lowering import CORRECTION, apply_correction, assemble, lower, remove_correction
+from stn_edge.lowering import CORRECTION, apply_correction, assemble, corrected_factor, lower
 from stn_edge.plan import PLANNERS, Plan, ladder_specs, plan_ranks
 
-#: engines tried by ``backend="auto"``, fastest first on CPU
-_AUTO_ORDER = ("onnxruntime", "numpy")
+#: engines tried by ``backend="auto"``, in order, with why. Measured on a 2-core x86 CPU
+#: (docs/BENCHMARKS.md): onnxruntime is fastest on ResNet-class convolutions, LiteRT+XNNPACK on
+#: small and depthwise networks but it holds ~3x the weights; torch is the choice for CUDA.
+_AUTO_ORDER = {
+    "cpu": ("onnxruntime", "tflite", "torch", "numpy"),
+    "cuda": ("onnxruntime", "torch"),
+}
+_AUTO_WHY = {
+    "onnxruntime": "onnxruntime is the fastest engine installed on {device} for convolutional and transformer graphs",
+    "tflite": "LiteRT with XNNPACK is the fastest engine installed on {device} (onnxruntime is not installed)",
+    "torch": "torch is the fastest engine installed on {device} (onnxruntime and LiteRT are not installed)",
+    "numpy": "numpy is the only engine installed on {device}; pip install 'stn-edge[onnxruntime]' for 5-20x speed",
+}
 
 
 class Runtime:
@@ -196,8 +207,11 @@ class Runtime:
                     reads.append((layer["dense"], 0, None))
                 continue
             have = 0 if old is None or old_level is None else old_level + 1
-            if have < choice.level + 1:
-                reads += [(ref, have, choice.level + 1) for ref in layer["factors"].values()]
+            scaled = corrected_factor(layer) if old_level != choice.level else None
+            for name, ref in layer["factors"].items():
+                start = 0 if name == scaled else have
+                if start < choice.level + 1:
+                    reads.append((ref, start, choice.level + 1))
             if "corrections" in layer and old_level != choice.level:
                 reads.append((layer["corrections"], choice.level, choice.level + 1))
         return reads
@@ -206,8 +220,9 @@ class Runtime:
         """``(level, data)`` for ``choice``: the dense weight (level None) or each factor's row prefix.
 
         Reuses what is already held: going down copies the shorter prefix (so the dropped rows are
-        freed), going up reads only the missing row segments. Factors are held with the level's
-        output correction already applied (see :func:`stn_edge.lowering.apply_correction`).
+        freed), going up reads only the missing row segments. The factor that carries the level's
+        output correction (:func:`stn_edge.lowering.corrected_factor`) is read again whenever the
+        level changes, so weights after any sequence of rescales equal a fresh load's, bit for bit.
         """
         old_level, old = self._held.get(layer["name"], (None, None))
         if choice.dense:
@@ -218,16 +233,19 @@ class Runtime:
             return old_level, old
         refs = layer["factors"]
         want = choice.level + 1
+        scaled = corrected_factor(layer)
         if old is None or old_level is None:
             rows = {k: self._reader.read_rows(ref, 0, want) for k, ref in refs.items()}
         else:
-            raw = remove_correction(layer, old)
             have = old_level + 1
-            if have >= want:
-                ends = {k: ref["row_ends"][want - 1] for k, ref in refs.items()}
-                rows = {k: raw[k][: ends[k]].copy() for k in refs}
-            else:
-                rows = {k: np.concatenate([raw[k], self._reader.read_rows(ref, have, want)]) for k, ref in refs.items()}
+            rows = {}
+            for k, ref in refs.items():
+                if k == scaled:  # held scaled by the old level's correction: read it again, exact
+                    rows[k] = self._reader.read_rows(ref, 0, want)
+                elif have >= want:
+                    rows[k] = old[k][: ref["row_ends"][want - 1]].copy()
+                else:
+                    rows[k] = np.concatenate([old[k], self._reader.read_rows(ref, have, want)])
         if "corrections" in layer:
             corr = self._reader.read_rows(layer["corrections"], choice.level, want)[0]
             rows = apply_correction(layer, rows, corr)
@@ -340,12 +358,12 @@ def relative_error(x: np.ndarray, ref: np.ndarray) -> float:
 def _choose_backend(name: str, device: str) -> tuple[Backend, str]:
     if name != "auto":
         return get_backend(name, device), f"requested {name!r}"
-    for candidate in _AUTO_ORDER:
+    for candidate in _AUTO_ORDER.get(device, ()):
         try:
             engine = get_backend(candidate, device)
         except BackendError:
             continue
-        return engine, f"auto: {candidate} is the fastest engine installed for {device}"
+        return engine, "auto: " + _AUTO_WHY[candidate].format(device=device)
     raise BackendError(
         f"no backend can run on device {device!r}; installed for cpu: {', '.join(available_backends('cpu')) or 'none'}"
     )

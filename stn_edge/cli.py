@@ -1,4 +1,4 @@
-"""The ``stn-edge`` command line: bake | inspect | plan | run | verify | demo.
+"""The ``stn-edge`` command line: bake | inspect | plan | run | verify | export | profile | demo.
 
 Exit codes: 0 success, 1 verification failed, 2 usage error, and per error family: 3 artifact,
 4 budget, 5 backend, 6 input, 7 capture. Typed errors print one ``error:`` line, never a traceback.
@@ -112,11 +112,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = rt.run(feeds)
         if args.output:
             np.savez(args.output, **out)
-        data = {"backend": rt.backend, "plan": rt.plan.to_dict(),
+        data = {"backend": rt.backend, "backend_reason": rt.backend_reason, "plan": rt.plan.to_dict(),
                 "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype), "mean": float(v.mean()), "std": float(v.std())}
                             for k, v in out.items()}}
         text = "\n".join(f"{k}: shape {list(v.shape)} {v.dtype}, mean {v.mean():.4g}, std {v.std():.4g}" for k, v in out.items())
-        text += f"\n({rt.backend}; {rt.plan.summary()})" + (f"\nwrote {args.output}" if args.output else "")
+        text += f"\n({rt.backend_reason}; {rt.plan.summary()})" + (f"\nwrote {args.output}" if args.output else "")
     _emit(args, data, text)
     return 0
 
@@ -201,6 +201,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from stn_edge.device.export import export_model
+
+    report = export_model(args.artifact, args.output, format=args.format, mem_limit=args.mem_limit, batch=args.batch,
+                          check=not args.no_check, tolerance=args.tolerance)
+    _emit(args, report.to_dict(), report.summary())
+    return 0 if report.ok else 1
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{what} {text!r} must be positive integers like 1,8") from None
+    if not values or min(values) < 1:
+        raise InputError(f"{what} {text!r} must be positive integers like 1,8")
+    return values
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from stn_edge.device.profile import profile_artifact
+
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    batches = _int_list(args.batch, "--batch")
+    say = (lambda msg: None) if args.json else (lambda msg: print(f"[profile] {msg}", file=sys.stderr, flush=True))
+    report = profile_artifact(args.artifact, budgets=budgets, backend=args.backend, device=args.device, batches=batches,
+                              warmup=args.warmup, seconds=args.seconds, per_layer=args.per_layer, progress=say)
+    text = report.table()
+    if args.per_layer:
+        text += "\n\n" + "\n\n".join(t.table() for t in report.layers)
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written = [out / "profile.json"]
+        written[0].write_text(json.dumps(report.to_dict(), indent=1, default=_json_default))
+        for table in report.layers:
+            written.append(out / f"layer_latency-{table.backend}-{table.device}-b{table.batch}.json")
+            table.save(written[-1])
+        try:
+            report.plot(out / "profile.png")
+            written.append(out / "profile.png")
+        except ImportError as exc:
+            print(f"note: no plot ({exc}); pip install matplotlib", file=sys.stderr)
+        text += "\nwrote " + ", ".join(str(p) for p in written)
+    _emit(args, report.to_dict(), text)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -257,6 +305,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--finetune-epochs", type=int, default=4, help="budget-sampled fine-tuning epochs (0: off)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("export", help="write the model at one budget as ONNX or TFLite for other toolchains")
+    sp.add_argument("artifact", help="path to a .stn artifact")
+    sp.add_argument("--mem-limit", default=None, help="bytes of weights: 8MB, 3MiB or 35%% (default: full model)")
+    sp.add_argument("--format", choices=("onnx", "tflite"), help="default: from the suffix of -o")
+    sp.add_argument("-o", "--output", required=True, help="file to write (.onnx or .tflite)")
+    sp.add_argument("--batch", type=int, help="fix the batch axis to this size (ONNX default: symbolic; TFLite: 1)")
+    sp.add_argument("--no-check", action="store_true", help="do not run the exported file against the runtime")
+    sp.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted relative error (default 1e-4)")
+    common(sp)
+    sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("profile", help="latency, memory, error and FLOPs per budget on this device")
+    common(sp, runtime=True)
+    sp.add_argument("--budgets", default="100%,50%,25%,10%", help="comma-separated budgets (default 100%%,50%%,25%%,10%%)")
+    sp.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    sp.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    sp.add_argument("--seconds", type=float, default=1.0, help="timed seconds per budget and batch (default 1)")
+    sp.add_argument("--per-layer", action="store_true", help="also time every layer alone, dense and factorized")
+    sp.add_argument("-o", "--output-dir", help="write profile.json, profile.png and the per-layer tables here")
+    sp.set_defaults(func=cmd_profile)
     return p
 
 

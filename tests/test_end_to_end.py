@@ -110,7 +110,8 @@ def _missing_bytes(old, new, layers) -> int:
     """Bytes a move from plan ``old`` to plan ``new`` must read: what ``new`` holds that ``old`` does not.
 
     A factorized level's bytes include its correction row (scale and shift per channel); a level
-    change reads the new row whichever way it goes.
+    change reads the new row whichever way it goes, and the output factor ``b`` (which holds the
+    correction's scale) again from its first row.
     """
     total = 0
     for a, b, layer in zip(old.layers, new.layers, layers):
@@ -120,7 +121,11 @@ def _missing_bytes(old, new, layers) -> int:
         elif a.dense:
             total += b.bytes
         elif b.level != a.level:
-            total += max(b.bytes - a.bytes, 0) + corr_row
+            rows_b = layer["factors"]["b"]["blocks"]
+            b_new = sum(blk["size"] for blk in rows_b[: b.level + 1])
+            b_old = sum(blk["size"] for blk in rows_b[: a.level + 1])
+            a_diff = max(b.bytes - a.bytes - (b_new - b_old), 0)
+            total += a_diff + corr_row + (b_new if "corrections" in layer else max(b_new - b_old, 0))
     return total
 
 

@@ -63,7 +63,7 @@ def probe(artifact: str, backend: str, mem_limit: str, batch: int = 1) -> dict:
     }
     rt.run(feeds)
     after = _status()
-    engine = engine_memory(backend)
+    engine = engine_memory(get_backend(backend))
     return {
         "backend": backend,
         "mem_limit": mem_limit,

@@ -31,18 +31,19 @@ from typing import Any
 import numpy as np
 
 from stn_edge.device.backends import Backend, Executable, register
+from stn_edge.device.memory import EngineMemory
 from stn_edge.errors import BackendError, BackendUnavailable, InputError
 from stn_edge.graph import Graph
 
 INSTALL_HINT = "pip install 'stn-edge[tflite]'"
 
 try:  # LiteRT, then the older standalone runtime
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 except ImportError as exc:
     try:
-        from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+        from tflite_runtime.interpreter import Interpreter, OpResolverType  # type: ignore[no-redef]
     except ImportError:
-        Interpreter = None  # type: ignore[assignment,misc]
+        Interpreter = OpResolverType = None  # type: ignore[assignment,misc]
         _ENGINE_ERROR: ImportError | None = exc
     else:
         _ENGINE_ERROR = None
@@ -61,7 +62,9 @@ else:
 def supported_ops() -> list[str]:
     """ONNX ops the tflite backend converts, sorted (for the op-coverage table)."""
     if tflite_builder is None:
-        raise BackendUnavailable(f"the tflite builder needs flatbuffers and tflite ({_BUILDER_ERROR}); install them with: {INSTALL_HINT}")
+        raise BackendUnavailable(
+            f"the tflite builder needs flatbuffers and tflite ({_BUILDER_ERROR}); install them with: {INSTALL_HINT}"
+        )
     return tflite_builder.supported_ops()
 
 
@@ -75,22 +78,40 @@ def _default_threads() -> int:
 class TFLiteExecutable(Executable):
     """A LiteRT interpreter per input shape (LRU, ``max_interpreters``) for one graph."""
 
-    def __init__(self, graph: Graph, num_threads: int, max_interpreters: int):
+    def __init__(self, graph: Graph, num_threads: int, max_interpreters: int, xnnpack: bool = True):
         self.graph = graph
         self.num_threads = num_threads
+        # AUTO is LiteRT's default resolver: builtin kernels with the XNNPACK delegate applied
+        self._resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         self.max_interpreters = max(1, max_interpreters)
         self._inputs = [v for v in graph.inputs if v.name not in graph.initializers]
         self._lock = threading.Lock()
         self._interpreters: OrderedDict[tuple, tuple[Any, tflite_builder.BuiltModel]] = OrderedDict()
         # build for the declared shapes, symbolic dims at 1: unsupported ops fail here, at prepare
         shapes = {v.name: tuple(d if isinstance(d, int) else 1 for d in v.shape) for v in self._inputs}
-        self._model = tflite_builder.build(graph, shapes)
-        self._interpreter(self._key(shapes))
+        self._model: tflite_builder.BuiltModel | None = tflite_builder.build(graph, shapes)
+        try:
+            self._interpreter(self._key(shapes))
+        except BackendError:
+            if all(isinstance(d, int) for v in self._inputs for d in v.shape):
+                raise
+            # every op converts, but 1 is not a valid size for some symbolic dim (it must match
+            # another input's, say): build again for the first real input shapes
+            self._model = None
 
     @property
     def resizable(self) -> bool:
         """True when a new batch size resizes the interpreter instead of rebuilding the model."""
-        return self._model.resizable
+        return self._model is not None and self._model.resizable
+
+    def ops(self) -> list[str]:
+        """Op names of the most recently used interpreter's graph, in node order, then one
+        ``DELEGATE`` per partition XNNPACK took over (diagnostics: what runs where)."""
+        with self._lock:
+            if not self._interpreters:
+                return []
+            interpreter, _ = next(reversed(self._interpreters.values()))
+            return [d["op_name"] for d in interpreter._get_ops_details()]
 
     @staticmethod
     def _key(shapes: dict[str, tuple[int, ...]]) -> tuple:
@@ -98,7 +119,9 @@ class TFLiteExecutable(Executable):
 
     def _open(self, model: bytes) -> Any:
         try:
-            return Interpreter(model_content=model, num_threads=self.num_threads)
+            return Interpreter(
+                model_content=model, num_threads=self.num_threads, experimental_op_resolver_type=self._resolver
+            )
         except (ValueError, RuntimeError) as exc:
             raise BackendError(f"LiteRT could not load the model built from the graph: {exc}") from exc
 
@@ -108,6 +131,8 @@ class TFLiteExecutable(Executable):
             self._interpreters.move_to_end(key)
             return self._interpreters[key]
         shapes = dict(key)
+        if self._model is None:
+            self._model = tflite_builder.build(self.graph, shapes)
         reuse = None
         if len(self._interpreters) >= self.max_interpreters:
             _, reuse = self._interpreters.popitem(last=False)
@@ -139,9 +164,10 @@ class TFLiteExecutable(Executable):
         unknown = sorted(set(feeds) - {v.name for v in self._inputs})
         if missing or unknown:
             raise InputError(
-                f"feeds do not match the graph: missing {missing}, unknown {unknown}; inputs are {[v.name for v in self._inputs]}"
+                f"feeds do not match the graph: missing {missing}, unknown {unknown}; "
+                f"inputs are {[v.name for v in self._inputs]}"
             )
-        arrays = {v.name: np.ascontiguousarray(feeds[v.name]) for v in self._inputs}
+        arrays = {v.name: np.asarray(feeds[v.name], order="C") for v in self._inputs}
         key = self._key({name: a.shape for name, a in arrays.items()})
         with self._lock:  # an interpreter is not thread-safe
             interpreter, model = self._interpreter(key)
@@ -174,27 +200,37 @@ class TFLiteBackend(Backend):
     ----------
     num_threads : interpreter threads; default: the CPUs this process may use.
     max_interpreters : interpreters kept per executable, one per input shape (LRU).
+    xnnpack : apply LiteRT's default XNNPACK delegate (True), or run the builtin kernels only
+        (slower; a reference for checking the delegate).
     """
 
     devices = ("cpu",)
+    #: measured by tools/measure_memory.py (demo MLP, 100/50/25%, LiteRT 2.3, x86-64): the runtime's
+    #: arrays, the flatbuffer's copy and XNNPACK's packed copy, 3.0-3.4x at peak; ~3.7 MiB fixed
+    engine_memory = EngineMemory(weight_copies=3.5, fixed_bytes=8 << 20)
 
-    def __init__(self, num_threads: int | None = None, max_interpreters: int = 1):
+    def __init__(self, num_threads: int | None = None, max_interpreters: int = 1, xnnpack: bool = True):
         self.num_threads = int(num_threads) if num_threads else _default_threads()
         self.max_interpreters = max_interpreters
+        self.xnnpack = xnnpack
 
     @classmethod
     def check_available(cls, device: str = "cpu") -> None:
         """Raise :class:`BackendUnavailable` unless LiteRT and the model builder import here."""
         if Interpreter is None:
             raise BackendUnavailable(
-                f"backend 'tflite' needs LiteRT (ai-edge-litert) or tflite-runtime ({_ENGINE_ERROR}); install it with: {INSTALL_HINT}"
+                f"backend 'tflite' needs LiteRT (ai-edge-litert) or tflite-runtime ({_ENGINE_ERROR}); "
+                f"install it with: {INSTALL_HINT}"
             )
         if tflite_builder is None:
             raise BackendUnavailable(
-                f"backend 'tflite' needs flatbuffers and the tflite schema package ({_BUILDER_ERROR}); install them with: {INSTALL_HINT}"
+                f"backend 'tflite' needs flatbuffers and the tflite schema package ({_BUILDER_ERROR}); "
+                f"install them with: {INSTALL_HINT}"
             )
         if device not in cls.devices:
-            raise BackendUnavailable(f"backend 'tflite' does not run on device {device!r}; it supports: {', '.join(cls.devices)}")
+            raise BackendUnavailable(
+                f"backend 'tflite' does not run on device {device!r}; it supports: {', '.join(cls.devices)}"
+            )
 
     def prepare(self, graph: Graph, device: str = "cpu") -> TFLiteExecutable:
         """Build the TFLite model for ``graph`` and open an interpreter.
@@ -203,4 +239,4 @@ class TFLiteBackend(Backend):
         that can run it) for the first node the builder cannot convert.
         """
         self.check_available(device)
-        return TFLiteExecutable(graph, self.num_threads, self.max_interpreters)
+        return TFLiteExecutable(graph, self.num_threads, self.max_interpreters, self.xnnpack)

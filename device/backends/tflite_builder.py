@@ -185,8 +185,8 @@ class _Converter:
                 raise BackendError(f"graph output {out.name!r} is produced by no node, input or initializer")
             if v.const is not None:
                 conversion.outputs.append(("const", v.const))
-            elif v.tensor in self.draft.inputs and v.perm is None:
-                conversion.outputs.append(("input", out.name))
+            elif v.tensor in self.draft.inputs and v.perm is None:  # an input passed through
+                conversion.outputs.append(("input", self.draft.tensors[v.tensor].name))
             else:
                 conversion.outputs.append(("tensor", len(self.draft.outputs)))
                 self.draft.outputs.append(self.tensor(out.name))
@@ -274,7 +274,9 @@ class _Converter:
     def temp(self, shape: Sequence[int], dtype: Any, tag: str) -> int:
         return self.draft.tensor(shape, dtype, f"{self._node.name}/{tag}")
 
-    def emit(self, code: str, inputs: Sequence[int], outputs: Sequence[int], options: str | None = None, **fields: Any) -> None:
+    def emit(
+        self, code: str, inputs: Sequence[int], outputs: Sequence[int], options: str | None = None, **fields: Any
+    ) -> None:
         self.draft.op(code, inputs, outputs, options, **fields)
 
     def const_tensor(
@@ -299,7 +301,7 @@ class _Converter:
                 if perm is not None and data.ndim == len(perm):
                     data = data.transpose(perm)
                 # keep ``array`` alive so that its id is not reused while the cache holds the key
-                self._const_cache[key] = (array, np.ascontiguousarray(data))
+                self._const_cache[key] = (array, np.asarray(data, order="C"))
             self._const_tensors[key] = self.draft.constant(self._const_cache[key][1], f"{self._node.name}/const")
         return self._const_tensors[key]
 
@@ -322,7 +324,8 @@ class _Converter:
             want = perm or _identity(rank)
             moves = [inverse[d] for d in want]
             shape = [v.shape[d] for d in want]
-            index = self.draft.tensor(shape, v.dtype, f"{name}/{''.join(map(str, want))}", self._signature(name, shape, perm))
+            tag = f"{name}/{''.join(map(str, want))}"
+            index = self.draft.tensor(shape, v.dtype, tag, self._signature(name, shape, perm))
             if self._moves_only_ones(name, v, current, moves):
                 self.emit("RESHAPE", [v.tensor, self.int_tensor(self._target(name, shape, perm))], [index])
             else:
@@ -389,7 +392,9 @@ class _Converter:
 
 def _near(value: np.ndarray | None, target: float, rtol: float = 1e-6) -> bool:
     """True for a one-element constant within ``rtol`` of ``target``."""
-    return value is not None and np.size(value) == 1 and abs(float(np.asarray(value).reshape(())) - target) <= rtol * abs(target)
+    if value is None or np.size(value) != 1:
+        return False
+    return abs(float(np.asarray(value).reshape(())) - target) <= rtol * abs(target)
 
 
 def _fuse_gelu(nodes: list[Node], consumers: dict[str, int], outputs: set[str], values: dict[str, _Value]) -> list[Node]:
@@ -416,7 +421,8 @@ def _fuse_gelu(nodes: list[Node], consumers: dict[str, int], outputs: set[str], 
         if scale is None or only_reader(scale.outputs[0]) is not erf:
             continue
         x = scale.inputs[0]
-        if not (scale.op == "Div" and _near(const_of(scale, x), math.sqrt(2)) or scale.op == "Mul" and _near(const_of(scale, x), 1 / math.sqrt(2))):
+        divided = scale.op == "Div" and _near(const_of(scale, x), math.sqrt(2))
+        if not (divided or scale.op == "Mul" and _near(const_of(scale, x), 1 / math.sqrt(2))):
             continue
         add = only_reader(erf.outputs[0])
         if add is None or add.op != "Add" or not _near(const_of(add, erf.outputs[0]), 1.0):
@@ -460,9 +466,10 @@ _BINARY = {
     "And": ("LOGICAL_AND", None, False),
     "Or": ("LOGICAL_OR", None, False),
     "Where": ("SELECT_V2", None, False),
+    "Xor": ("NOT_EQUAL", None, False),
     "PRelu": ("PRELU", None, False),
 }
-_COMPARISONS = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or"}
+_COMPARISONS = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor"}
 
 
 def _broadcast(c: _Converter, names: Sequence[str]) -> tuple[tuple[int, ...], tuple[int, ...] | None, list[int]]:
@@ -473,18 +480,39 @@ def _broadcast(c: _Converter, names: Sequence[str]) -> tuple[tuple[int, ...], tu
     live = [n for n in names if not c.is_const(n)]
     perm = None
     if live and all(len(c.values[n].shape) == rank for n in live):
-        perm = c.values[live[0]].perm
+        perm = _shared_layout(c, live)
+    live_rank = max((len(c.values[n].shape) for n in live), default=0)
     inputs = []
     for n in names:
         v = c.values[n]
         if v.const is not None:
-            inputs.append(c.const_tensor(v.const, perm, rank) if v.const.size > 1 or v.const.ndim > rank else c.const_tensor(v.const.reshape(())))
+            # a one-element constant that does not raise the rank is a scalar (as XNNPACK likes)
+            scalar = v.const.size == 1 and v.const.ndim <= live_rank
+            inputs.append(c.const_tensor(v.const.reshape(())) if scalar else c.const_tensor(v.const, perm, rank))
         else:
             inputs.append(c.tensor(n, perm))
     return out, perm, inputs
 
 
-def _binary_node(c: _Converter, node: Node, code: str, options: str | None = None, fuse: bool = False, names: Sequence[str] | None = None) -> None:
+def _shared_layout(c: _Converter, names: Sequence[str]) -> tuple[int, ...] | None:
+    """The layout among the inputs' that needs the fewest new transposes (ties: not NCHW)."""
+
+    def cost(perm: tuple[int, ...] | None) -> tuple[int, bool]:
+        key = perm or _identity(len(c.values[names[0]].shape))
+        new = sum(c.values[n].perm != perm and (n, key) not in c._views for n in names)
+        return new, perm is None
+
+    return min(dict.fromkeys(c.values[n].perm for n in names), key=cost)
+
+
+def _binary_node(
+    c: _Converter,
+    node: Node,
+    code: str,
+    options: str | None = None,
+    fuse: bool = False,
+    names: Sequence[str] | None = None,
+) -> None:
     names = list(names or node.inputs)
     shape, perm, inputs = _broadcast(c, names)
     dtype = np.dtype(np.bool_) if node.op in _COMPARISONS else c.values[names[-1] if node.op == "Where" else names[0]].dtype
@@ -510,7 +538,7 @@ def _binary(c: _Converter, node: Node) -> None:
     _binary_node(c, node, code, options, fuse)
 
 
-_VARIADIC = {"Min": ("MINIMUM", None), "Max": ("MAXIMUM", None), "Sum": ("ADD", "AddOptions")}
+_VARIADIC = {"Min": ("MINIMUM", None), "Max": ("MAXIMUM", None), "Sum": ("ADD", "AddOptions"), "Mean": ("ADD", "AddOptions")}
 
 
 @_converts(*_VARIADIC)
@@ -519,12 +547,16 @@ def _variadic(c: _Converter, node: Node) -> None:
     names = [n for n in node.inputs if n]
     if len(names) == 1:
         return _alias(c, node)
+    out = node.outputs[0]
+    total = out if node.op != "Mean" else f"{out}::sum"
     acc = names[0]
     for i, name in enumerate(names[1:]):
-        last = i == len(names) - 2
-        target = node.outputs[0] if last else f"{node.outputs[0]}::{i}"
+        target = total if i == len(names) - 2 else f"{out}::{i}"
         _binary_node(c, Node(node.op, node.name, [acc, name], [target]), code, options, names=[acc, name])
         acc = target
+    if node.op == "Mean":
+        _scaled(c, node, total, 1.0 / len(names), out)
+    return None
 
 
 _UNARY = {
@@ -590,7 +622,8 @@ def _gelu(c: _Converter, node: Node) -> None:
 
 
 def _clip_node(c: _Converter, node: Node, lo: float | None, hi: float | None) -> None:
-    code = {(0.0, 6.0): "RELU6", (-1.0, 1.0): "RELU_N1_TO_1", (0.0, None): "RELU", (0.0, 1.0): "RELU_0_TO_1"}.get((lo, hi))
+    # not RELU_0_TO_1: XNNPACK does not take it, and one op outside the delegate splits the graph
+    code = {(0.0, 6.0): "RELU6", (-1.0, 1.0): "RELU_N1_TO_1", (0.0, None): "RELU"}.get((lo, hi))
     if code or (lo is None and hi is None):
         return _unary_node(c, node, code)
     src = node.inputs[0]
@@ -616,13 +649,17 @@ def _clip(c: _Converter, node: Node) -> None:
 
 @_converts("HardSigmoid")
 def _hard_sigmoid(c: _Converter, node: Node) -> None:
+    """clip(alpha x + beta, 0, 1) = relu6(6 alpha x + 6 beta) / 6: three ops XNNPACK runs."""
     alpha, beta = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
-    a, b, y = f"{node.name}::alpha", f"{node.name}::beta", f"{node.outputs[0]}::lin"
-    c.values[a] = _Value((), np.dtype(np.float32), const=np.array(alpha, np.float32))
-    c.values[b] = _Value((), np.dtype(np.float32), const=np.array(beta, np.float32))
-    _binary_node(c, Node("Mul", node.name, [node.inputs[0], a], [f"{y}0"]), "MUL", "MulOptions")
-    _binary_node(c, Node("Add", node.name, [f"{y}0", b], [y]), "ADD", "AddOptions")
-    _clip_node(c, Node("Clip", node.name, [y], list(node.outputs)), 0.0, 1.0)
+    v = c.values[node.inputs[0]]
+    storage = [v.shape[p] for p in v.perm] if v.perm else list(v.shape)
+    scaled, shifted = c.temp(storage, np.float32, "6ax"), c.temp(storage, np.float32, "relu6")
+    out = c.out(node.outputs[0], v.shape, np.float32, v.perm)
+    k = [c.const_tensor(np.array(value, np.float32)) for value in (6 * alpha, 6 * beta, 1 / 6)]
+    c.emit("MUL", [c.tensor(node.inputs[0], v.perm), k[0]], [scaled], "MulOptions", FusedActivationFunction=_ACT_NONE)
+    c.emit("ADD", [scaled, k[1]], [shifted], "AddOptions", FusedActivationFunction=_ACT_RELU6)
+    c.emit("MUL", [shifted, k[2]], [out], "MulOptions", FusedActivationFunction=_ACT_NONE)
+    c.define(node.outputs[0], v.shape, np.float32, out, v.perm)
 
 
 # Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), as the numpy backend's far-from-zero branch.
@@ -649,7 +686,8 @@ def _erf(c: _Converter, node: Node) -> None:
         return out
 
     ax = op("ABS", x, None, "abs")
-    t = op("DIV", k(1.0), op("ADD", op("MUL", ax, k(_ERF_P), "px", "MulOptions"), k(1.0), "1px", "AddOptions"), "t", "DivOptions")
+    one_px = op("ADD", op("MUL", ax, k(_ERF_P), "px", "MulOptions"), k(1.0), "1px", "AddOptions")
+    t = op("DIV", k(1.0), one_px, "t", "DivOptions")
     poly = k(_ERF_A[4])
     for i, coef in enumerate(reversed(_ERF_A[:4])):
         poly = op("ADD", op("MUL", poly, t, f"p{i}", "MulOptions"), k(coef), f"q{i}", "AddOptions")
@@ -685,7 +723,8 @@ def _cast(c: _Converter, node: Node) -> None:
         raise _Refused(f"cast to ONNX type {node.attrs.get('to')} is not supported")
     v = c.values[node.inputs[0]]
     out = c.out(node.outputs[0], v.shape, to, v.perm)
-    c.emit("CAST", [c.tensor(node.inputs[0], v.perm)], [out], "CastOptions", InDataType=TENSOR_TYPES[v.dtype], OutDataType=TENSOR_TYPES[to])
+    types = {"InDataType": TENSOR_TYPES[v.dtype], "OutDataType": TENSOR_TYPES[to]}
+    c.emit("CAST", [c.tensor(node.inputs[0], v.perm)], [out], "CastOptions", **types)
     c.define(node.outputs[0], v.shape, to, out, v.perm)
 
 
@@ -710,7 +749,8 @@ def _batch_norm(c: _Converter, node: Node) -> None:
     v = c.values[node.inputs[0]]
     rank = len(v.shape)
     mid = c.temp([v.shape[p] for p in v.perm] if v.perm else v.shape, np.float32, "scaled")
-    c.emit("MUL", [c.tensor(node.inputs[0], v.perm), _channel_const(c, gain, rank, v.perm, "gain")], [mid], "MulOptions", FusedActivationFunction=0)
+    gain_t = _channel_const(c, gain, rank, v.perm, "gain")
+    c.emit("MUL", [c.tensor(node.inputs[0], v.perm), gain_t], [mid], "MulOptions", FusedActivationFunction=0)
     name, act = c.take_activation(node.outputs[0])
     out = c.out(name, v.shape, np.float32, v.perm)
     c.emit("ADD", [mid, _channel_const(c, shift, rank, v.perm, "shift")], [out], "AddOptions", FusedActivationFunction=act)
@@ -738,18 +778,21 @@ def _layer_norm(c: _Converter, node: Node) -> None:
     var = c.temp(stat_shape, np.float32, "var")
     c.emit("MEAN", [square, axes_t], [var], "ReducerOptions", KeepDims=True)
     var_eps = c.temp(stat_shape, np.float32, "var_eps")
-    c.emit("ADD", [var, c.const_tensor(np.array(float(node.attrs.get("epsilon", 1e-5)), np.float32))], [var_eps], "AddOptions", FusedActivationFunction=0)
+    eps = c.const_tensor(np.array(float(node.attrs.get("epsilon", 1e-5)), np.float32))
+    c.emit("ADD", [var, eps], [var_eps], "AddOptions", FusedActivationFunction=0)
     inv_std = c.temp(stat_shape, np.float32, "inv_std")
     c.emit("RSQRT", [var_eps], [inv_std])
     normed = c.temp(storage, np.float32, "normed")
     c.emit("MUL", [centred, inv_std], [normed], "MulOptions", FusedActivationFunction=0)
     has_bias = len(node.inputs) > 2 and bool(node.inputs[2])
     scaled = c.out(node.outputs[0], v.shape, np.float32, perm) if not has_bias else c.temp(storage, np.float32, "scaled")
-    c.emit("MUL", [normed, c.const_tensor(c.const(node.inputs[1]), perm, rank)], [scaled], "MulOptions", FusedActivationFunction=0)
+    gamma = c.const_tensor(c.const(node.inputs[1]), perm, rank)
+    c.emit("MUL", [normed, gamma], [scaled], "MulOptions", FusedActivationFunction=0)
     out = scaled
     if has_bias:
         out = c.out(node.outputs[0], v.shape, np.float32, perm)
-        c.emit("ADD", [scaled, c.const_tensor(c.const(node.inputs[2]), perm, rank)], [out], "AddOptions", FusedActivationFunction=0)
+        beta = c.const_tensor(c.const(node.inputs[2]), perm, rank)
+        c.emit("ADD", [scaled, beta], [out], "AddOptions", FusedActivationFunction=0)
     c.define(node.outputs[0], v.shape, np.float32, out, perm)
     logical_stat = tuple(1 if i in axes else s for i, s in enumerate(v.shape))
     for name, tensor in zip(node.outputs[1:3], (mean, inv_std)):
@@ -762,25 +805,54 @@ def _layer_norm(c: _Converter, node: Node) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _fully_connected(c: _Converter, x: int, x_shape: Sequence[int], weight: int, width: int, bias: np.ndarray | None, name: str, act: int) -> None:
-    """FULLY_CONNECTED of ``x (..., in)`` with the constant tensor ``weight (out=width, in)``."""
-    shape = tuple(x_shape[:-1]) + (width,)
-    inputs = [x, weight, c.const_tensor(bias.astype(np.float32)) if bias is not None else -1]
-    out = c.out(name, shape, np.float32)
-    c.emit("FULLY_CONNECTED", inputs, [out], "FullyConnectedOptions", FusedActivationFunction=act, KeepNumDims=len(shape) != 2)
-    c.define(name, shape, np.float32, out)
+def _fully_connected(c: _Converter, x: str, weight: int, width: int, bias: np.ndarray | None, name: str, act: int) -> None:
+    """FULLY_CONNECTED of value ``x (..., in)`` with the constant tensor ``weight (out=width, in)``.
+
+    It contracts the last axis and keeps the others: ``x`` stays in its layout when that keeps
+    its last axis last (a transposed attention tensor, say).
+    """
+    v = c.values[x]
+    rank = len(v.shape)
+    perm = v.perm if v.perm and v.perm[-1] == rank - 1 else None
+    shape = tuple(v.shape[:-1]) + (width,)
+    inputs = [c.tensor(x, perm), weight, c.const_tensor(bias.astype(np.float32)) if bias is not None else -1]
+    out = c.out(name, shape, np.float32, perm)
+    c.emit("FULLY_CONNECTED", inputs, [out], "FullyConnectedOptions", FusedActivationFunction=act, KeepNumDims=rank != 2)
+    c.define(name, shape, np.float32, out, perm)
+
+
+def _matmul_operand(c: _Converter, name: str, rank: int) -> tuple[tuple[int, ...], bool] | None:
+    """(batch layout, transposed) when value ``name`` can feed BATCH_MATMUL as it is stored."""
+    v = c.values[name]
+    if v.const is not None or len(v.shape) != rank:
+        return None
+    p = v.perm or _identity(rank)
+    batch, tail = tuple(p[:-2]), tuple(p[-2:])
+    if sorted(batch) != list(range(rank - 2)) or sorted(tail) != [rank - 2, rank - 1]:
+        return None
+    return batch, tail == (rank - 1, rank - 2)
 
 
 def _batch_matmul(c: _Converter, a: str, b: str, name: str, adj_x: bool = False, adj_y: bool = False) -> None:
+    """BATCH_MATMUL; operands stored with their batch axes in the same order and the last two in
+    either order are used as they are (a transposed last pair becomes adj_x / adj_y)."""
     sa, sb = c.values[a].shape, c.values[b].shape
     if len(sa) < 2 or len(sb) < 2:
         raise _Refused("MatMul with a 1-D operand is not supported")
     m = sa[-1] if adj_x else sa[-2]
     n = sb[-2] if adj_y else sb[-1]
     shape = tuple(int(d) for d in np.broadcast_shapes(sa[:-2], sb[:-2])) + (m, n)
-    out = c.out(name, shape, np.float32)
-    c.emit("BATCH_MATMUL", [c.tensor(a), c.tensor(b)], [out], "BatchMatMulOptions", AdjX=adj_x, AdjY=adj_y)
-    c.define(name, shape, np.float32, out)
+    rank = len(shape)
+    la, lb = _matmul_operand(c, a, rank), _matmul_operand(c, b, rank)
+    if la is not None and lb is not None and la[0] == lb[0]:
+        perm = la[0] + (rank - 2, rank - 1)
+        inputs = [c.values[a].tensor, c.values[b].tensor]
+        adj_x, adj_y = adj_x != la[1], adj_y != lb[1]
+    else:
+        perm, inputs = None, [c.tensor(a), c.tensor(b)]
+    out = c.out(name, shape, np.float32, perm)
+    c.emit("BATCH_MATMUL", inputs, [out], "BatchMatMulOptions", AdjX=adj_x, AdjY=adj_y)
+    c.define(name, shape, np.float32, out, perm)
 
 
 def _bias_after(c: _Converter, name: str, rank: int, width: int) -> tuple[np.ndarray | None, Node | None]:
@@ -813,42 +885,58 @@ def _matmul(c: _Converter, node: Node) -> None:
         c._skip.add(add.name)
         target = add.outputs[0]
     name, act = c.take_activation(target)
-    _fully_connected(c, c.tensor(a), c.values[a].shape, c.const_tensor(w, (1, 0)), w.shape[1], bias, name, act)
+    _fully_connected(c, a, c.const_tensor(w, (1, 0)), w.shape[1], bias, name, act)
+
+
+def _scaled(c: _Converter, node: Node, name: str, factor: float, out: str) -> str:
+    """Value ``out = name * factor`` (a MUL by a scalar constant); ``name`` itself when factor is 1."""
+    if factor == 1.0:
+        return name
+    k = f"{out}::factor"
+    c.values[k] = _Value((), np.dtype(np.float32), const=np.array(factor, np.float32))
+    _binary_node(c, Node("Mul", node.name, [name, k], [out]), "MUL", "MulOptions")
+    return out
 
 
 @_converts("Gemm")
 def _gemm(c: _Converter, node: Node) -> None:
+    """FULLY_CONNECTED for a constant B (alpha folded into it, a bias-vector C as its bias);
+    otherwise BATCH_MATMUL, then MUL by alpha and ADD of beta * C."""
     a, b = node.inputs[:2]
     cin = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
     alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
     trans_a, trans_b = bool(node.attrs.get("transA", 0)), bool(node.attrs.get("transB", 0))
-    sa = c.values[a].shape
-    m = sa[1] if trans_a else sa[0]
-    if not c.is_const(b):
-        if alpha != 1.0 or cin is not None:
-            raise _Refused("Gemm with a non-constant B and alpha != 1 or a C input is not supported")
-        return _batch_matmul(c, a, b, node.outputs[0], trans_a, trans_b)
-    w = c.const(b)
-    if w.dtype != np.float32:
-        raise _Refused(f"weights of dtype {w.dtype} are not supported (float32)")
-    width = w.shape[0] if trans_b else w.shape[1]
-    if alpha == 1.0:
-        weight = c.const_tensor(w, None if trans_b else (1, 0))
+    out = node.outputs[0]
+    if c.is_const(b) and c.const(b).dtype == np.float32:
+        w = c.const(b)
+        width = w.shape[0] if trans_b else w.shape[1]
+        if alpha == 1.0:
+            weight = c.const_tensor(w, None if trans_b else (1, 0))
+        else:
+            scaled = (f"gemm{alpha}{trans_b}", lambda w: (w if trans_b else w.T) * np.float32(alpha))
+            weight = c.const_tensor(w, derive=scaled)
+        cv = c.values[cin].const if cin else None
+        bias = None
+        if cv is not None and cv.size in (1, width) and (cv.ndim < 2 or cv.shape[0] == 1) and cv.ndim <= 2:
+            bias = np.broadcast_to(cv.astype(np.float32).reshape(-1) * np.float32(beta), (width,)).copy()
+            cin = None
+        if trans_a:  # A^T as a layout of A: FULLY_CONNECTED then asks for a TRANSPOSE
+            _transpose(c, Node("Transpose", node.name, [a], [f"{a}::T"], {"perm": [1, 0]}))
+            a = f"{a}::T"
+        if cin is None:
+            name, act = c.take_activation(out)
+            return _fully_connected(c, a, weight, width, bias, name, act)
+        product = f"{out}::ab"
+        _fully_connected(c, a, weight, width, bias, product, _ACT_NONE)
     else:
-        weight = c.const_tensor(w, derive=(f"gemm{alpha}{trans_b}", lambda w: (w if trans_b else w.T) * np.float32(alpha)))
-    bias = None
-    if cin is not None:
-        cv = c.const(cin, "C input").astype(np.float32) * np.float32(beta)
-        if cv.size not in (1, width) or cv.ndim > 2 or (cv.ndim == 2 and cv.shape[0] != 1):
-            raise _Refused(f"Gemm's C of shape {cv.shape} is not a bias vector")
-        bias = np.broadcast_to(cv.reshape(-1), (width,)).copy()
-    x = c.tensor(a)
-    if trans_a:
-        xt = c.temp([m, sa[0]], np.float32, "xT")
-        c.emit("TRANSPOSE", [x, c.int_tensor([1, 0])], [xt])
-        x = xt
-    name, act = c.take_activation(node.outputs[0])
-    _fully_connected(c, x, (m, sa[0] if trans_a else sa[1]), weight, width, bias, name, act)
+        product = out if alpha == 1.0 and cin is None else f"{out}::ab"
+        _batch_matmul(c, a, b, product, trans_a, trans_b)
+        product = _scaled(c, node, product, alpha, f"{out}::alpha_ab" if cin else out)
+        if cin is None:
+            return None
+    term = _scaled(c, node, cin, beta, f"{out}::beta_c")
+    _binary_node(c, Node("Add", node.name, [product, term], [out]), "ADD", "AddOptions", fuse=True)
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -856,12 +944,16 @@ def _gemm(c: _Converter, node: Node) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _same_pads(sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]) -> tuple[list[int], list[int]]:
+def _same_pads(
+    sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
+) -> tuple[list[int], list[int]]:
     """TFLite's SAME padding: ONNX SAME_UPPER."""
     return reference._window_pads(sizes, kernel, strides, dilations, None, "SAME_UPPER")
 
 
-def _pad_input(c: _Converter, x: int, nhwc: list[int], begin: Sequence[int], end: Sequence[int], value: float = 0.0) -> tuple[int, list[int]]:
+def _pad_input(
+    c: _Converter, x: int, nhwc: list[int], begin: Sequence[int], end: Sequence[int], value: float = 0.0
+) -> tuple[int, list[int]]:
     """Explicit PAD / PADV2 of an NHWC tensor; returns the padded tensor and its shape."""
     shape = [nhwc[0], nhwc[1] + begin[0] + end[0], nhwc[2] + begin[1] + end[1], nhwc[3]]
     paddings = np.array([[0, 0], [begin[0], end[0]], [begin[1], end[1]], [0, 0]], dtype=np.int32)
@@ -873,11 +965,14 @@ def _pad_input(c: _Converter, x: int, nhwc: list[int], begin: Sequence[int], end
     return out, shape
 
 
-def _conv_geometry(node: Node, sizes: Sequence[int], kernel: Sequence[int]) -> tuple[list[int], list[int], list[int], list[int]]:
+def _conv_geometry(
+    node: Node, sizes: Sequence[int], kernel: Sequence[int]
+) -> tuple[list[int], list[int], list[int], list[int]]:
     nd = len(sizes)
     strides = list(node.attrs.get("strides") or [1] * nd)
     dilations = list(node.attrs.get("dilations") or [1] * nd)
-    begin, end = reference._window_pads(sizes, kernel, strides, dilations, node.attrs.get("pads"), node.attrs.get("auto_pad", "NOTSET"))
+    pads, auto_pad = node.attrs.get("pads"), node.attrs.get("auto_pad", "NOTSET")
+    begin, end = reference._window_pads(sizes, kernel, strides, dilations, pads, auto_pad)
     return strides, dilations, begin, end
 
 
@@ -924,6 +1019,8 @@ def _conv(c: _Converter, node: Node) -> None:
     w = c.const(node.inputs[1], "weight")
     if w.dtype != np.float32:
         raise _Refused(f"weights of dtype {w.dtype} are not supported (float32)")
+    if w.ndim != len(c.values[node.inputs[0]].shape):
+        raise _Refused(f"a {w.ndim - 2}-D kernel on a rank-{len(c.values[node.inputs[0]].shape)} input")
     bias_name = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
     m = w.shape[0]
     bias = c.const(bias_name, "bias").astype(np.float32) if bias_name else np.zeros(m, np.float32)
@@ -947,15 +1044,18 @@ def _conv(c: _Converter, node: Node) -> None:
     out_hw = reference._conv_out(padded, kernel, strides, dilations)
     out_nhwc = [nhwc[0], out_hw[0], out_hw[1], m]
     name, act = c.take_activation(node.outputs[0])
-    geometry = dict(Padding=padding, StrideH=strides[0], StrideW=strides[1], DilationHFactor=dilations[0], DilationWFactor=dilations[1], FusedActivationFunction=act)
+    geometry = dict(Padding=padding, StrideH=strides[0], StrideW=strides[1], DilationHFactor=dilations[0],
+                    DilationWFactor=dilations[1], FusedActivationFunction=act)
 
     def emit(out: int) -> None:
         if group == 1:
-            c.emit("CONV_2D", [x, c.const_tensor(w, derive=("ohwi", ohwi)), c.const_tensor(bias)], [out], "Conv2DOptions", **geometry)
+            weight = c.const_tensor(w, derive=("ohwi", ohwi))
+            c.emit("CONV_2D", [x, weight, c.const_tensor(bias)], [out], "Conv2DOptions", **geometry)
         elif w.shape[1] == 1 and group == cin and m % cin == 0:
             # (M, 1, kh, kw) -> (1, kh, kw, M): output channel c * multiplier + j, as in ONNX
             dw = c.const_tensor(w, derive=("1hwo", lambda w: ohwi(w).transpose(3, 1, 2, 0)))
-            c.emit("DEPTHWISE_CONV_2D", [x, dw, c.const_tensor(bias)], [out], "DepthwiseConv2DOptions", DepthMultiplier=m // cin, **geometry)
+            c.emit("DEPTHWISE_CONV_2D", [x, dw, c.const_tensor(bias)], [out], "DepthwiseConv2DOptions",
+                   DepthMultiplier=m // cin, **geometry)
         else:
             _grouped_conv(c, x, nhwc, out_nhwc, w, ohwi, bias, group, geometry, out)
 
@@ -978,19 +1078,76 @@ def _grouped_conv(
     cg, mg = nhwc[3] // group, w.shape[0] // group
     parts = [c.temp(nhwc[:3] + [cg], np.float32, f"group{g}") for g in range(group)]
     c.emit("SPLIT", [c.const_tensor(np.array(3, np.int32)), x], parts, "SplitOptions", NumSplits=group)
-    act = geometry.pop("FusedActivationFunction")
     results = []
     for g, part in enumerate(parts):
         y = c.temp(out_nhwc[:3] + [mg], np.float32, f"conv{g}")
         wg = c.const_tensor(w, derive=(f"ohwi{g}/{group}", lambda w, g=g: ohwi(w[g * mg : (g + 1) * mg])))
         bg = np.ascontiguousarray(bias[g * mg : (g + 1) * mg])
-        c.emit("CONV_2D", [part, wg, c.const_tensor(bg)], [y], "Conv2DOptions", FusedActivationFunction=0, **geometry)
+        c.emit("CONV_2D", [part, wg, c.const_tensor(bg)], [y], "Conv2DOptions", **geometry)
         results.append(y)
-    c.emit("CONCATENATION", results, [out], "ConcatenationOptions", Axis=3, FusedActivationFunction=act)
+    # the activation stays on the convolutions: LiteRT's CONCATENATION refuses a fused one
+    c.emit("CONCATENATION", results, [out], "ConcatenationOptions", Axis=3, FusedActivationFunction=_ACT_NONE)
+
+
+def _transpose_conv_pads(
+    node: Node, sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int]
+) -> tuple[list[int], list[int], list[int]]:
+    """Full output size and the begin / end crops of an ONNX ConvTranspose (dilation 1)."""
+    nd = len(sizes)
+    extra = list(node.attrs.get("output_padding") or [0] * nd)
+    full = [s * (i - 1) + a + k for s, i, a, k in zip(strides, sizes, extra, kernel)]
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    output_shape = node.attrs.get("output_shape")
+    if output_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        target = list(output_shape)[-nd:] if output_shape is not None else [i * s for i, s in zip(sizes, strides)]
+        mode = "SAME_UPPER" if auto_pad == "SAME_UPPER" else "SAME_LOWER"
+        split = [reference._same_pads(f - t, mode) for f, t in zip(full, target)]
+        return full, [p[0] for p in split], [p[1] for p in split]
+    pads = node.attrs.get("pads")
+    if auto_pad == "VALID" or not pads:
+        return full, [0] * nd, [0] * nd
+    return full, list(pads[:nd]), list(pads[nd:])
+
+
+@_converts("ConvTranspose")
+def _conv_transpose(c: _Converter, node: Node) -> None:
+    """TRANSPOSE_CONV (VALID, output_padding as extra output) then a crop for the ONNX pads."""
+    w = c.const(node.inputs[1], "weight")
+    x_shape = c.values[node.inputs[0]].shape
+    if w.dtype != np.float32 or w.ndim != len(x_shape):
+        raise _Refused(f"a weight of shape {w.shape} ({w.dtype}) on a rank-{len(x_shape)} input is not supported")
+    if int(node.attrs.get("group", 1)) != 1 or any(d != 1 for d in node.attrs.get("dilations") or []):
+        raise _Refused("grouped or dilated ConvTranspose is not supported")
+    m = w.shape[1]
+    bias_name = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+    bias = c.const(bias_name, "bias").astype(np.float32) if bias_name else np.zeros(m, np.float32)
+    x, nhwc, one_d = _as_2d(c, node.inputs[0])
+    strides = list(node.attrs.get("strides") or [1] * (len(x_shape) - 2))
+    full, begin, end = _transpose_conv_pads(node, x_shape[2:], w.shape[2:], strides)
+    full, begin, end, strides = _lift(full, one_d, 1), _lift(begin, one_d, 0), _lift(end, one_d, 0), _lift(strides, one_d, 1)
+    # (C_in, C_out, *k) -> (C_out, kh, kw, C_in)
+    ohwi = (lambda w: w[:, :, None, :].transpose(1, 2, 3, 0)) if one_d else (lambda w: w.transpose(1, 2, 3, 0))
+    full_nhwc = [nhwc[0], full[0], full[1], m]
+    out_nhwc = [nhwc[0], full[0] - begin[0] - end[0], full[1] - begin[1] - end[1], m]
+
+    def emit(out: int) -> None:
+        cropped = any(begin) or any(end)
+        target = c.temp(full_nhwc, np.float32, "full") if cropped else out
+        inputs = [c.int_tensor(full_nhwc), c.const_tensor(w, derive=("t_ohwi", ohwi)), x, c.const_tensor(bias)]
+        c.emit("TRANSPOSE_CONV", inputs, [target], "TransposeConvOptions", Padding=_PAD_VALID, StrideH=strides[0],
+               StrideW=strides[1], FusedActivationFunction=_ACT_NONE)
+        if cropped:
+            stops = [0, full[0] - end[0], full[1] - end[1], 0]
+            bounds = [c.int_tensor([0, begin[0], begin[1], 0]), c.int_tensor(stops), c.int_tensor([1] * 4)]
+            c.emit("STRIDED_SLICE", [target, *bounds], [out], "StridedSliceOptions", BeginMask=0b1001, EndMask=0b1001)
+
+    _define_nhwc(c, node.outputs[0], emit, out_nhwc, one_d)
 
 
 def _pool_attrs(c: _Converter, node: Node) -> tuple[list[int], list[int]]:
     kernel = list(node.attrs["kernel_shape"])
+    if len(kernel) != len(c.values[node.inputs[0]].shape) - 2:
+        raise _Refused(f"kernel_shape {kernel} does not match the input's spatial rank")
     if any(d != 1 for d in node.attrs.get("dilations") or []):
         raise _Refused("dilated pooling is not supported")
     if node.attrs.get("storage_order", 0):
@@ -1011,15 +1168,14 @@ def _pool(c: _Converter, node: Node) -> None:
     kernel, strides = _pool_attrs(c, node)
     sizes = list(c.values[node.inputs[0]].shape[2:])
     dilations = [1] * len(kernel)
-    begin, end, out_sizes = reference._pool_geometry(
-        sizes, kernel, strides, dilations, node.attrs.get("pads"), node.attrs.get("auto_pad", "NOTSET"), int(node.attrs.get("ceil_mode", 0))
-    )
+    pads, auto_pad, ceil_mode = node.attrs.get("pads"), node.attrs.get("auto_pad", "NOTSET"), node.attrs.get("ceil_mode", 0)
+    g = reference._pool_geometry(sizes, kernel, strides, dilations, pads, auto_pad, int(ceil_mode))
     x, nhwc, one_d = _as_2d(c, node.inputs[0])
     k2, s2 = _lift(kernel, one_d, 1), _lift(strides, one_d, 1)
-    sizes2, outs2 = _lift(sizes, one_d, 1), _lift(out_sizes, one_d, 1)
-    b2, e2 = _lift_pads(begin, end, one_d)
-    # ceil_mode overhang: cells past the explicit end padding that the last window reaches
-    full_end = [max(e, (o - 1) * s + k - n - b) for e, o, s, k, n, b in zip(e2, outs2, s2, k2, sizes2, b2)]
+    sizes2, outs2 = _lift(sizes, one_d, 1), _lift(g.out, one_d, 1)
+    b2, e2 = _lift_pads(g.begin, g.end, one_d)
+    # the ceil_mode overhang: cells past the end padding that the last window reaches
+    full_end = [e + h for e, h in zip(e2, _lift(g.overhang, one_d, 0))]
     include_pad = bool(node.attrs.get("count_include_pad", 0))
     same_b, same_e = _same_pads(sizes2, k2, s2, [1, 1])
     is_same = b2 == same_b and full_end == same_e and outs2 == [-(-n // s) for n, s in zip(sizes2, s2)]
@@ -1060,7 +1216,9 @@ def _average_rescale(sizes, kernel, strides, begin, end, full_end, outs, include
     count = np.zeros(outs)
     for i in range(kernel[0]):
         for j in range(kernel[1]):
-            count += mask[i : i + (outs[0] - 1) * strides[0] + 1 : strides[0], j : j + (outs[1] - 1) * strides[1] + 1 : strides[1]]
+            rows = slice(i, i + (outs[0] - 1) * strides[0] + 1, strides[0])
+            cols = slice(j, j + (outs[1] - 1) * strides[1] + 1, strides[1])
+            count += mask[rows, cols]
     factor = math.prod(kernel) / count
     if np.all(factor == 1.0):
         return None
@@ -1071,7 +1229,13 @@ def _average_rescale(sizes, kernel, strides, begin, end, full_end, outs, include
 # Reductions
 # ------------------------------------------------------------------------------------------------
 
-_REDUCERS = {"ReduceMean": "MEAN", "ReduceSum": "SUM", "ReduceMax": "REDUCE_MAX", "ReduceMin": "REDUCE_MIN", "ReduceProd": "REDUCE_PROD"}
+_REDUCERS = {
+    "ReduceMean": "MEAN",
+    "ReduceSum": "SUM",
+    "ReduceMax": "REDUCE_MAX",
+    "ReduceMin": "REDUCE_MIN",
+    "ReduceProd": "REDUCE_PROD",
+}
 
 
 def _reduce(c: _Converter, node: Node, code: str, axes: list[int] | None, keepdims: bool) -> None:
@@ -1080,11 +1244,103 @@ def _reduce(c: _Converter, node: Node, code: str, axes: list[int] | None, keepdi
     axes = sorted({a % rank for a in axes}) if axes else list(range(rank))
     perm = v.perm or _identity(rank)
     saxes = [perm.index(a) for a in axes]
-    shape = tuple(1 if i in axes else s for i, s in enumerate(v.shape)) if keepdims else tuple(s for i, s in enumerate(v.shape) if i not in axes)
+    if keepdims:
+        shape = tuple(1 if i in axes else s for i, s in enumerate(v.shape))
+    else:
+        shape = tuple(s for i, s in enumerate(v.shape) if i not in axes)
     out_perm = v.perm if keepdims else _drop_axes(perm, axes)
     out = c.out(node.outputs[0], shape, v.dtype, out_perm)
     c.emit(code, [c.tensor(node.inputs[0], v.perm), c.int_tensor(saxes)], [out], "ReducerOptions", KeepDims=keepdims)
     c.define(node.outputs[0], shape, v.dtype, out, out_perm)
+
+
+def _keepdims_reshape(c: _Converter, node: Node, source: str, axes: list[int], rank: int) -> None:
+    """Value ``node.outputs[0]``: ``source`` (``axes`` dropped) with those axes back as size 1."""
+    shape = _with_axes(c.values[source].shape, axes, rank)
+    _reshape_to(c, Node("Reshape", node.name, [source], list(node.outputs[:1])), shape)
+
+
+def _with_axes(shape: Sequence[int], axes: Sequence[int], rank: int) -> list[int]:
+    it = iter(shape)
+    return [1 if i in axes else next(it) for i in range(rank)]
+
+
+@_converts("ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp")
+def _composite_reduction(c: _Converter, node: Node) -> None:
+    """SUM of ABS or squares (then SQRT), and a max-shifted log-sum-exp."""
+    x, out = node.inputs[0], node.outputs[0]
+    rank = len(c.values[x].shape)
+    axes = c.ints(node, 1, "axes")
+    if not axes and node.attrs.get("noop_with_empty_axes", 0):
+        return _alias(c, node)
+    axes = sorted({a % rank for a in axes}) if axes else list(range(rank))
+    keep = bool(node.attrs.get("keepdims", 1))
+    if node.op == "ReduceLogSumExp":
+        top, shifted, exp, total, log = (f"{out}::{t}" for t in ("max", "shifted", "exp", "sum", "log"))
+        _reduce(c, Node("ReduceMax", node.name, [x], [top]), "REDUCE_MAX", axes, True)
+        _binary_node(c, Node("Sub", node.name, [x, top], [shifted]), "SUB", "SubOptions")
+        _unary_node(c, Node("Exp", node.name, [shifted], [exp]), "EXP")
+        _reduce(c, Node("ReduceSum", node.name, [exp], [total]), "SUM", axes, True)
+        _unary_node(c, Node("Log", node.name, [total], [log]), "LOG")
+        result = out if keep else f"{out}::keep"
+        _binary_node(c, Node("Add", node.name, [log, top], [result]), "ADD", "AddOptions")
+        if not keep:
+            kept = [s for i, s in enumerate(c.values[result].shape) if i not in axes]
+            _reshape_to(c, Node("Reshape", node.name, [result], [out]), kept)
+        return None
+    terms = f"{out}::terms"
+    if node.op == "ReduceL1":
+        _unary_node(c, Node("Abs", node.name, [x], [terms]), "ABS")
+    else:
+        _binary_node(c, Node("Mul", node.name, [x, x], [terms]), "MUL", "MulOptions", names=[x, x])
+    total = out if node.op != "ReduceL2" else f"{out}::sum"
+    _reduce(c, Node("ReduceSum", node.name, [terms], [total]), "SUM", axes, keep)
+    if node.op == "ReduceL2":
+        _unary_node(c, Node("Sqrt", node.name, [total], [out]), "SQRT")
+    return None
+
+
+@_converts("ArgMax", "ArgMin")
+def _arg(c: _Converter, node: Node) -> None:
+    if node.attrs.get("select_last_index", 0):
+        raise _Refused("select_last_index=1 is not supported")
+    v = c.values[node.inputs[0]]
+    rank = len(v.shape)
+    axis = int(node.attrs.get("axis", 0)) % rank
+    perm = v.perm or _identity(rank)
+    keep = bool(node.attrs.get("keepdims", 1))
+    name = node.outputs[0] if not keep else f"{node.outputs[0]}::dropped"
+    shape = tuple(s for i, s in enumerate(v.shape) if i != axis)
+    out_perm = _drop_axes(perm, [axis])
+    out = c.out(name, shape, np.int64, out_perm)
+    code, options = ("ARG_MAX", "ArgMaxOptions") if node.op == "ArgMax" else ("ARG_MIN", "ArgMinOptions")
+    c.emit(code, [c.tensor(node.inputs[0], v.perm), c.const_tensor(np.array([perm.index(axis)], np.int32))], [out], options,
+           OutputType=TENSOR_TYPES[np.dtype(np.int64)])
+    c.define(name, shape, np.int64, out, out_perm)
+    if keep:
+        _keepdims_reshape(c, node, name, [axis], rank)
+
+
+@_converts("CumSum")
+def _cumsum(c: _Converter, node: Node) -> None:
+    v = c.values[node.inputs[0]]
+    axis = int(c.const(node.inputs[1], "axis").reshape(())) % len(v.shape)
+    perm = v.perm or _identity(len(v.shape))
+    out = c.out(node.outputs[0], v.shape, v.dtype, v.perm)
+    c.emit("CUMSUM", [c.tensor(node.inputs[0], v.perm), c.const_tensor(np.array(perm.index(axis), np.int32))], [out],
+           "CumsumOptions", Exclusive=bool(node.attrs.get("exclusive", 0)), Reverse=bool(node.attrs.get("reverse", 0)))
+    c.define(node.outputs[0], v.shape, v.dtype, out, v.perm)
+
+
+@_converts("Tile")
+def _tile(c: _Converter, node: Node) -> None:
+    v = c.values[node.inputs[0]]
+    repeats = _dims_of(c.const(node.inputs[1], "repeats"))
+    shape = tuple(s * r for s, r in zip(v.shape, repeats))
+    perm = v.perm or _identity(len(v.shape))
+    out = c.out(node.outputs[0], shape, v.dtype, v.perm)
+    c.emit("TILE", [c.tensor(node.inputs[0], v.perm), c.int_tensor([repeats[p] for p in perm])], [out])
+    c.define(node.outputs[0], shape, v.dtype, out, v.perm)
 
 
 @_converts(*_REDUCERS)
@@ -1178,7 +1434,8 @@ def _shape(c: _Converter, node: Node) -> None:
 
 @_converts("Size")
 def _size(c: _Converter, node: Node) -> None:
-    c.values[node.outputs[0]] = _Value((), np.dtype(np.int64), const=np.array(math.prod(c.values[node.inputs[0]].shape), np.int64))
+    size = np.array(math.prod(c.values[node.inputs[0]].shape), np.int64)
+    c.values[node.outputs[0]] = _Value((), size.dtype, const=size)
 
 
 @_converts("Concat")
@@ -1191,11 +1448,12 @@ def _concat(c: _Converter, node: Node) -> None:
     perm = c.values[live[0]].perm if live else None
     shape = list(first.shape)
     shape[axis] = sum(c.values[n].shape[axis] for n in names)
-    name, act = c.take_activation(node.outputs[0])
-    out = c.out(name, shape, first.dtype, perm)
+    out = c.out(node.outputs[0], shape, first.dtype, perm)
     saxis = (perm or _identity(rank)).index(axis)
-    c.emit("CONCATENATION", [c.tensor(n, perm) for n in names], [out], "ConcatenationOptions", Axis=saxis, FusedActivationFunction=act)
-    c.define(name, shape, first.dtype, out, perm)
+    # no fused activation: LiteRT's kernel refuses one and XNNPACK would silently drop it
+    c.emit("CONCATENATION", [c.tensor(n, perm) for n in names], [out], "ConcatenationOptions", Axis=saxis,
+           FusedActivationFunction=_ACT_NONE)
+    c.define(node.outputs[0], shape, first.dtype, out, perm)
 
 
 @_converts("Split")
@@ -1214,7 +1472,8 @@ def _split(c: _Converter, node: Node) -> None:
         shape = list(v.shape)
         shape[axis] = size
         outs.append((name, shape, c.out(name or f"{node.name}/unused{i}", shape, v.dtype, v.perm)))
-    c.emit("SPLIT_V", [c.tensor(node.inputs[0], v.perm), c.int_tensor(sizes), c.const_tensor(np.array(perm.index(axis), np.int32))], [o[2] for o in outs], "SplitVOptions", NumSplits=len(sizes))
+    inputs = [c.tensor(node.inputs[0], v.perm), c.int_tensor(sizes), c.const_tensor(np.array(perm.index(axis), np.int32))]
+    c.emit("SPLIT_V", inputs, [o[2] for o in outs], "SplitVOptions", NumSplits=len(sizes))
     for name, shape, tensor in outs:
         if name:
             c.define(name, shape, v.dtype, tensor, v.perm)
@@ -1305,7 +1564,8 @@ def _pad(c: _Converter, node: Node) -> None:
     mode = node.attrs.get("mode", "constant")
     value = 0.0
     if len(node.inputs) > 2 and node.inputs[2]:
-        value = float(np.asarray(c.const(node.inputs[2], "constant_value")).reshape(-1)[0]) if c.const(node.inputs[2]).size else 0.0
+        given = np.asarray(c.const(node.inputs[2], "constant_value")).reshape(-1)
+        value = float(given[0]) if given.size else 0.0
     perm = v.perm or _identity(rank)
     paddings = np.array([[begin[p], end[p]] for p in perm], dtype=np.int32)
     shape = [s + b + e for s, b, e in zip(v.shape, begin, end)]
@@ -1331,14 +1591,24 @@ def _resize(c: _Converter, node: Node) -> None:
         raise _Refused("only 4-D (N, C, H, W) Resize is supported")
     mode = node.attrs.get("mode", "nearest")
     ctm = node.attrs.get("coordinate_transformation_mode", "half_pixel")
+    if node.attrs.get("axes") is not None or node.attrs.get("antialias", 0):
+        raise _Refused("Resize with axes or antialias is not supported")
     sizes = c.ints(node, 3)
     if sizes:
+        if len(sizes) != 4 or sizes[1] != v.shape[1]:
+            raise _Refused(f"Resize sizes {sizes} change more than height and width")
         out_hw = sizes[-2:]
     else:
         scales = np.asarray(c.const(node.inputs[2], "scales"), dtype=np.float64).reshape(-1)
+        if len(scales) != 4 or scales[0] != 1 or scales[1] != 1:
+            raise _Refused(f"Resize scales {scales.tolist()} change more than height and width")
         out_hw = [int(math.floor(v.shape[2 + i] * scales[-2 + i])) for i in range(2)]
+        if any(o != v.shape[2 + i] * scales[-2 + i] for i, o in enumerate(out_hw)):
+            # ONNX maps coordinates with the given scale, TFLite with out / in: equal only here
+            raise _Refused(f"scales {scales.tolist()} do not give whole output sizes")
     if mode == "nearest" and ctm == "asymmetric" and node.attrs.get("nearest_mode", "round_prefer_floor") == "floor":
-        code, options, fields = "RESIZE_NEAREST_NEIGHBOR", "ResizeNearestNeighborOptions", {"AlignCorners": False, "HalfPixelCenters": False}
+        code, options = "RESIZE_NEAREST_NEIGHBOR", "ResizeNearestNeighborOptions"
+        fields = {"AlignCorners": False, "HalfPixelCenters": False}
     elif mode == "linear" and ctm in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric"):
         if ctm == "pytorch_half_pixel" and 1 in out_hw:
             raise _Refused("pytorch_half_pixel to an output size of 1 is not supported")
@@ -1381,6 +1651,18 @@ def convert(
         raise BackendError(f"tflite backend could not convert the graph at input shapes {input_shapes}: {exc}") from exc
 
 
+def _same_outputs(a: list[tuple[str, Any]], b: list[tuple[str, Any]]) -> bool:
+    """Outputs produced the same way, constant ones (a Dropout mask, say) equal at both shapes."""
+    for (kind_a, what_a), (kind_b, what_b) in zip(a, b):
+        if kind_a != kind_b:
+            return False
+        if kind_a == "const" and (what_a.shape != what_b.shape or not np.array_equal(what_a, what_b)):
+            return False
+        if kind_a != "const" and what_a != what_b:
+            return False
+    return True
+
+
 def build(graph: Graph, input_shapes: dict[str, tuple[int, ...]]) -> BuiltModel:
     """Convert and serialize ``graph`` for ``input_shapes``; probe whether it can be resized.
 
@@ -1401,7 +1683,7 @@ def build(graph: Graph, input_shapes: dict[str, tuple[int, ...]]) -> BuiltModel:
     if probe is not None:
         try:
             check = convert(graph, bumped, main.shapes, cache)
-            resizable = main.draft.same_program(check.draft)
+            resizable = main.draft.same_program(check.draft) and _same_outputs(main.outputs, check.outputs)
         except (BackendError, UnsupportedOp):
             resizable = False
     return BuiltModel(serialize(main.draft), main.outputs, dict(input_shapes), resizable)

@@ -12,6 +12,7 @@ Conventions of the TFLite schema this module follows:
 - an optional operator input that is absent is the tensor index ``-1``;
 - operator codes >= 127 go in ``builtin_code``, with ``deprecated_builtin_code`` set to 127
   (``PLACEHOLDER_FOR_GREATER_OP_CODES``), as readers of both schema generations expect;
+- every operator code says version 1, the lowest LiteRT registers, except where noted;
 - constant data is 16-byte aligned, as the TFLite converter writes it, so kernels can read it
   in place.
 
@@ -47,6 +48,9 @@ _SCHEMA_VERSION = 3
 _FILE_IDENTIFIER = b"TFL3"
 _DATA_ALIGNMENT = 16
 _GREATER_OP_CODES = 127  # deprecated_builtin_code of every op code >= 127
+#: op versions above 1 that LiteRT's resolver needs (BROADCAST_TO registers versions 2-3 only);
+#: kernels read their options, not the version, so the lowest registered one is enough
+_MIN_VERSIONS = {"BROADCAST_TO": 2}
 
 
 @dataclass
@@ -94,13 +98,15 @@ class ModelDraft:
 
     def constant(self, array: np.ndarray, name: str) -> int:
         """Add a constant tensor holding ``array``; return its index."""
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
         index = self.tensor(array.shape, array.dtype, name)
         self.buffers.append(array)
         self.tensors[index].buffer = len(self.buffers) - 1
         return index
 
-    def op(self, code: str, inputs: Sequence[int], outputs: Sequence[int], options: str | None = None, **fields: Any) -> None:
+    def op(
+        self, code: str, inputs: Sequence[int], outputs: Sequence[int], options: str | None = None, **fields: Any
+    ) -> None:
         """Append the builtin operator ``code`` (a ``BuiltinOperator`` name such as ``"CONV_2D"``)."""
         if not hasattr(schema.BuiltinOperator, code):
             raise ValueError(f"unknown TFLite builtin operator {code!r}")
@@ -141,14 +147,14 @@ def _data_vector(builder: flatbuffers.Builder, array: np.ndarray) -> int:
     builder.StartVector(1, len(payload), _DATA_ALIGNMENT)
     builder.head = builder.head - len(payload)
     builder.Bytes[builder.head : builder.head + len(payload)] = payload
-    return builder.EndVector(len(payload))
+    return builder.EndVector()
 
 
 def _table_vector(builder: flatbuffers.Builder, offsets: Sequence[int]) -> int:
     builder.StartVector(4, len(offsets), 4)
     for off in reversed(offsets):
         builder.PrependUOffsetTRelative(off)
-    return builder.EndVector(len(offsets))
+    return builder.EndVector()
 
 
 def _options_table(builder: flatbuffers.Builder, name: str, fields: dict[str, Any]) -> int:
@@ -195,7 +201,7 @@ def _operator_code(builder: flatbuffers.Builder, code: str) -> int:
     schema.OperatorCodeStart(builder)
     schema.OperatorCodeAddDeprecatedBuiltinCode(builder, min(value, _GREATER_OP_CODES))
     schema.OperatorCodeAddBuiltinCode(builder, value)
-    schema.OperatorCodeAddVersion(builder, 1)
+    schema.OperatorCodeAddVersion(builder, _MIN_VERSIONS.get(code, 1))
     return schema.OperatorCodeEnd(builder)
 
 
