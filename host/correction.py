@@ -93,3 +93,36 @@ def corrected_weight(cand: Candidate, w_k: np.ndarray, bias: np.ndarray | None, 
         w = w_k * scale.reshape(-1, *([1] * (w_k.ndim - 1)))
     b = (np.zeros_like(scale) if bias is None else bias.astype(np.float64)) * scale + shift
     return w.astype(w_k.dtype), b.astype(w_k.dtype)
+
+
+def level_corrections_dense(cand: Candidate, w: np.ndarray, bias: np.ndarray | None, truncated, levels: int,
+                            x: np.ndarray, min_std: float = 1e-6) -> np.ndarray:
+    """:func:`level_corrections` for any family: runs the layer with each level's dense weight.
+
+    ``truncated(j)`` returns the dense weight at level ``j``. Costs one layer evaluation per level.
+    """
+    if cand.kind == "conv":
+        from stn_edge.device.backends.numpy import conv
+
+        attrs = {k: v for k, v in cand.node.attrs.items() if k in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")}
+
+        def apply(weight: np.ndarray) -> np.ndarray:
+            return conv(x.astype(np.float32), weight.astype(np.float32), **attrs)
+
+        axis = 1
+    else:
+        def apply(weight: np.ndarray) -> np.ndarray:
+            mat = weight.T if cand.layout == "in_out" else weight
+            return x @ mat.T
+
+        axis = x.ndim - 1
+    mu_full, yf = _channel_stats(apply(w), axis)
+    sd_full = yf.std(axis=1)
+    bias = np.zeros(len(mu_full)) if bias is None else bias.astype(np.float64)
+    out = np.empty((levels, 2, len(mu_full)), np.float32)
+    for j in range(levels):
+        mu_k, yk = _channel_stats(apply(truncated(j)), axis)
+        sd_k = yk.std(axis=1)
+        scale = np.where(sd_k > min_std, sd_full / np.maximum(sd_k, min_std), 1.0)
+        out[j, 0], out[j, 1] = scale, (mu_full + bias) - scale * (mu_k + bias)
+    return out
