@@ -84,12 +84,13 @@ def _layout(node: Node) -> str:
 
 
 def _why_not(graph: Graph, node: Node, weight: str, w: np.ndarray, min_bytes: int) -> str:
-    if len([n for n in graph.nodes if weight in n.inputs]) > 1:
-        return "shared weight (used by several nodes)"
+    readers = len([n for n in graph.nodes if weight in n.inputs])
+    if readers > 1:
+        return f"shared weight (read by {readers} nodes); kept dense so that it is stored once"
     if w.dtype.kind != "f":
         return f"weight dtype {w.dtype} is not floating point"
     if node.op == "Conv" and int(node.attrs.get("group", 1)) != 1:
-        return f"grouped convolution (group={node.attrs['group']})"
+        return f"grouped convolution (group={node.attrs['group']}); only group=1 kernels are factorized"
     if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
         return "Gemm with transA/alpha/beta is not factorized"
     if node.op == "MatMul" and w.ndim != 2:
@@ -97,11 +98,11 @@ def _why_not(graph: Graph, node: Node, weight: str, w: np.ndarray, min_bytes: in
     if node.op == "Gather" and (w.ndim != 2 or int(node.attrs.get("axis", 0)) != 0):
         return "Gather that is not a row lookup in a 2-D table"
     if w.nbytes < min_bytes:
-        return f"too small ({w.nbytes} bytes < {min_bytes})"
+        return f"too small ({w.nbytes} bytes < min_bytes {min_bytes})"
     m = w.shape[1] if _layout(node) == "in_out" else w.shape[0]
     n = w.size // m
     if break_even_rank(m, n) < 1:
-        return f"no byte saving at any rank ({m}x{n})"
+        return f"no byte saving at any rank ({m}x{n}: rank-1 factors hold {m + n} numbers, the dense weight {m * n})"
     return ""
 
 
