@@ -144,11 +144,28 @@ def bake(
                 d["corr"] = level_corrections(cand, d["dense"], graph.initializers[_bias_name(cand)],
                                               d["a"], d["b"], d["ranks"], inputs[cand.weight])
     if importance == "data" and decomposed:
-        say(f"scoring {sum(len(d['ranks']) for d in decomposed)} truncation levels on {len(next(iter(score_feeds.values())))} calibration samples")
+        n_levels = sum(len(d["ranks"]) for d in decomposed)
+        say(f"scoring {n_levels} truncation levels on {len(next(iter(score_feeds.values())))} calibration samples")
         losses = score_truncations(graph, score_feeds, [_level_overrides(graph, d) for d in decomposed],
                                    progress=lambda k, n: say(f"scored {k}/{n}"))
+        corrected = [d for d in decomposed if "corr" in d]
+        if corrected:
+            # the correction is a guess that the next layer wants the full-rank statistics; it is
+            # wrong for some layers (logits read by a softmax), so each level keeps it only where
+            # it measurably lowers the output error
+            say(f"scoring {sum(len(d['ranks']) for d in corrected)} levels without correction")
+            raw = score_truncations(graph, score_feeds, [_level_overrides(graph, d, corrected=False) for d in corrected])
+            for d, loss_raw in zip(corrected, raw):
+                i = decomposed.index(d)
+                for j, (with_corr, without) in enumerate(zip(losses[i], loss_raw)):
+                    if without < with_corr:
+                        d["corr"][j, 0], d["corr"][j, 1] = 1.0, 0.0
+                losses[i] = [float(x) for x in np.minimum.accumulate(np.minimum(losses[i], loss_raw))]
     elif importance in ("data", "spectral"):
         losses = [d["spectral_loss"] for d in decomposed]
+        for d in decomposed:  # without measurements, do not correct layers that produce model outputs
+            if "corr" in d and _feeds_output(graph, d["cand"].node):
+                del d["corr"]
     else:
         raise ValueError(f"importance must be 'data' or 'spectral', not {importance!r}")
     reference = _reference_outputs(model, graph, feeds)
@@ -177,6 +194,19 @@ def _families(structure: str | Sequence[str]) -> list[str]:
     return wanted
 
 
+def _feeds_output(graph: Graph, node: Any) -> bool:
+    """True when ``node``'s output reaches a graph output through shape-only or softmax-like ops."""
+    outputs = {o.name for o in graph.outputs}
+    frontier = list(node.outputs)
+    passthrough = {"Softmax", "LogSoftmax", "Sigmoid", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze"}
+    while frontier:
+        value = frontier.pop()
+        if value in outputs:
+            return True
+        frontier += [o for n in graph.consumers(value) if n.op in passthrough for o in n.outputs]
+    return False
+
+
 def _bias_name(cand: Candidate) -> str:
     """The bias the layer's node adds (Conv and Gemm have one after :func:`_ensure_bias`; MatMul none)."""
     return cand.node.inputs[2] if cand.node.op in ("Conv", "Gemm") and len(cand.node.inputs) > 2 else ""
@@ -194,12 +224,12 @@ def _ensure_bias(graph: Graph, cand: Candidate) -> None:
     node.inputs = node.inputs[:2] + [name]
 
 
-def _level_overrides(graph: Graph, d: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+def _level_overrides(graph: Graph, d: dict[str, Any], corrected: bool = True) -> list[dict[str, np.ndarray]]:
     """For each level, the constants that differ from the dense model: the weight, and the bias if corrected."""
     cand, out = d["cand"], []
     for j in range(len(d["ranks"])):
         w_k = d["truncated"](j)
-        if "corr" in d:
+        if corrected and "corr" in d:
             bias = graph.initializers[_bias_name(cand)]
             w_k, b_k = corrected_weight(cand, w_k, bias, d["corr"][j])
             out.append({cand.weight: w_k, _bias_name(cand): b_k})

@@ -32,7 +32,14 @@ def layer_inputs(graph: Graph, candidates: Sequence[Candidate], feeds: dict[str,
     wanted = {c.node.inputs[0] for c in candidates} - {v.name for v in graph.inputs}
     probe = Graph(graph.nodes, graph.inputs, graph.outputs + [ValueInfo(n, [], "float32") for n in sorted(wanted)],
                   graph.initializers, graph.opset)
-    values = get_backend("numpy").prepare(probe).run(feeds)
+    from stn_edge.errors import UnsupportedOp
+
+    try:
+        exe = get_backend("numpy").prepare(probe)
+    except UnsupportedOp:
+        # outputs declared without shapes: onnxruntime accepts them and reports the real shapes
+        exe = get_backend("onnxruntime").prepare(probe)
+    values = exe.run(feeds)
     values.update(feeds)
     return {c.weight: values[c.node.inputs[0]] for c in candidates}
 

@@ -111,18 +111,14 @@ def apply_correction(layer: dict[str, Any], factors: dict[str, np.ndarray], corr
     return out
 
 
-def remove_correction(layer: dict[str, Any], held: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The raw factor rows back from what :func:`apply_correction` returned."""
-    if CORRECTION not in held:
-        return held
-    out = {k: v for k, v in held.items() if k != CORRECTION}
+def corrected_factor(layer: dict[str, Any]) -> str | None:
+    """The factor that holds ``layer``'s correction scale once applied, or None.
+
+    Scaling and unscaling a float32 array is not exact, so the runtime never unscales this factor:
+    when a layer changes level it reads the factor's rows again and scales them afresh.
+    """
     spec = _OUTPUT_FACTOR.get(layer["family"])
-    if spec is not None:
-        name, axis = spec
-        shape = [1] * out[name].ndim
-        shape[axis] = -1
-        out[name] = out[name] / held[CORRECTION][0].reshape(shape)
-    return out
+    return spec[0] if spec is not None and "corrections" in layer else None
 
 
 def _corrected_bias(node: Node, layer: dict[str, Any], corr: np.ndarray, inits: dict[str, np.ndarray]) -> tuple[Node, list[Node]]:
@@ -166,6 +162,7 @@ def lower(graph: Graph, layers: list[dict[str, Any]], held: dict[str, Any]) -> G
     by_node = {layer["node"]: layer for layer in layers}
     nodes: list[Node] = []
     inits = dict(graph.initializers)
+    replaced: set[str] = set()
     for node in graph.nodes:
         layer = by_node.get(node.name)
         if layer is None:
@@ -178,6 +175,7 @@ def lower(graph: Graph, layers: list[dict[str, Any]], held: dict[str, Any]) -> G
             continue
         extra: list[Node] = []
         if CORRECTION in value:
+            replaced.update(node.inputs[2:3])
             node, extra = _corrected_bias(node, layer, value[CORRECTION], inits)
             value = {k: v for k, v in value.items() if k != CORRECTION}
         key = (layer["family"], layer["kind"])
@@ -189,4 +187,352 @@ def lower(graph: Graph, layers: list[dict[str, Any]], held: dict[str, Any]) -> G
         new_nodes, new_inits = _LOWERERS[key](node, layer, value)
         nodes.extend(new_nodes + extra)
         inits.update(new_inits)
+    used = {i for n in nodes for i in n.inputs}
+    # biases replaced by a corrected copy: the originals are not held when no node reads them any more
+    inits = {k: v for k, v in inits.items() if k in used or k not in replaced}
     return Graph(nodes=nodes, inputs=graph.inputs, outputs=graph.outputs, initializers=inits, opset=graph.opset)
+
+
+# --------------------------------------------------------------------------- tensor-network families
+#
+# Storage forms (what ``add_rows`` stores; axis 0 is what a ladder level truncates) and the factors
+# ``assemble`` hands the lowerers. ``a`` is always the input-side factor and ``b`` the output-side one,
+# as for ``svd``. Bonds are listed per ladder level in ``layer["ladder"]["bonds"]``.
+#
+# ``svd-spatial`` conv  bonds [r]. ``a (r, C_in, k1)``, ``b (r, C_out, k2)``: a (k1 x 1) Conv C_in->r then a
+#                       (1 x k2) Conv r->C_out (``structure["first"] == "h"``; ``"w"`` swaps the axes).
+# ``tucker2``   conv    bonds [r_out, r_in]. ``a (r_in, C_in)``, ``b (r_out, C_out)`` rank-major; ``core``
+#                       nested-shell over (r_out, r_in), assembled ``(r_out, r_in, *k)``: 1x1 Conv, the
+#                       kernel Conv (stride/pads/dilations), 1x1 Conv + bias.
+# ``cp``        conv    bonds [R]. ``a (R, C_in)``, ``h (R, kh)``, ``w (R, kw)``, ``b (R, C_out)``: 1x1 Conv,
+#                       depthwise (kh x 1) Conv, depthwise (1 x kw) Conv, 1x1 Conv + bias.
+# ``tt``        linear  modes in = prod(i_k), out = prod(o_k), k = 1..d (d = 2 or 3), bonds [r_1..r_{d-1}].
+#                       ``a (r_1, i_1, o_1)``, ``b (r_{d-1}, i_d, o_d)`` rank-major; for d = 3 ``core``
+#                       nested-shell over (r_1, r_2), assembled ``(r_1, r_2, i_2, o_2)``. Lowered as a
+#                       Reshape/Transpose/MatMul chain + Add(bias).
+# ``tt``        conv    C_in = i1*i2, C_out = o1*o2, bonds [r_1, r_2]. ``a (r_1, i1, o1)``, ``b (r_2, i2, o2)``,
+#                       ``core`` nested-shell over (r_1, r_2), assembled ``(r_1, r_2, kh, kw)``. Lowered as
+#                       MatMul over i1 (channels last), the kernel Conv on (N*i2*o1, r_1) images,
+#                       MatMul over (r_2, i2), Transpose back + Add(bias).
+# ``tr``/``fctn`` conv  ring (C_in)-(kernel)-(C_out)-back, bonds [r_0, r_1, r_2] (r_0 closes the ring).
+#                       All three are nested-shell cores: ``a`` over (r_0, r_1) -> ``(r_0, r_1, C_in)``,
+#                       ``core`` over (r_1, r_2) -> ``(r_1, r_2, *k)``, ``b`` over (r_2, r_0) ->
+#                       ``(r_2, r_0, C_out)``. Lowered as 1x1 Conv C_in->r_0*r_1, Reshape to
+#                       (N*r_0, r_1, H, W), kernel Conv, Reshape to (N, r_0*r_2, H', W'), 1x1 Conv + bias:
+#                       the last Conv contracts (r_0, r_2) together, which closes the ring.
+#
+# Nested-shell order: a core with bond axes (p, q) kept at (a_j, b_j) on level j stores, for each level
+# in turn, the cells of ``core[:a_j, :b_j]`` not in ``core[:a_{j-1}, :b_{j-1}]``, in row-major (p, q)
+# order; so the first ``a_j * b_j`` stored rows rebuild ``core[:a_j, :b_j]``. ``structure["shells"]``
+# names each nested-shell factor with the indices of its two bonds in ``ladder["bonds"]``.
+
+
+def _shell_order(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(p, q)`` cell indices of a core kept at ``pairs[j] = (a_j, b_j)``, in nested-shell order.
+
+    Level j's cells are the first ``a_j * b_j`` entries; inside one shell cells are row-major in (p, q).
+    """
+    a_top, b_top = (int(x) for x in pairs[-1])
+    shell = np.full((a_top, b_top), len(pairs) - 1, dtype=np.int64)
+    for j in range(len(pairs) - 1, -1, -1):
+        shell[: int(pairs[j][0]), : int(pairs[j][1])] = j
+    order = np.argsort(shell.ravel(), kind="stable")  # stable: row-major inside a shell
+    return order // b_top, order % b_top
+
+
+def _assemble_shells(layer: dict[str, Any], level: int, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rebuild every nested-shell core of ``layer`` at ``level`` from its stored row prefix."""
+    bonds = layer["ladder"]["bonds"][: level + 1]
+    out = dict(rows)
+    for name, (i, k) in layer["structure"].get("shells", {}).items():
+        pairs = [(b[i], b[k]) for b in bonds]
+        p, q = _shell_order(pairs)
+        a, b = (int(x) for x in pairs[-1])
+        stored = rows[name]
+        if stored.shape[0] != a * b:
+            raise ArtifactError(f"layer {layer['name']!r}: factor {name!r} holds {stored.shape[0]} cells at level {level}, "
+                                f"bonds {a}x{b} need {a * b}")
+        core = np.zeros((a, b) + stored.shape[1:], dtype=stored.dtype)
+        core[p, q] = stored
+        out[name] = core
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _conv_attrs(attrs: dict[str, Any], kernel: list[int], keep: tuple[int, ...]) -> dict[str, Any]:
+    """Attributes of a Conv that applies the original node's stride/pads/dilations on spatial axes ``keep`` only."""
+    nd = len(kernel)
+    strides = list(attrs.get("strides") or [1] * nd)
+    dil = list(attrs.get("dilations") or [1] * nd)
+    pads = list(attrs.get("pads") or [0] * (2 * nd))
+    out: dict[str, Any] = {
+        "kernel_shape": [int(k) for k in kernel],
+        "strides": [int(strides[k]) if k in keep else 1 for k in range(nd)],
+        "dilations": [int(dil[k]) if k in keep else 1 for k in range(nd)],
+    }
+    auto_pad = _text(attrs.get("auto_pad", "NOTSET"))
+    if auto_pad != "NOTSET" and keep:
+        out["auto_pad"] = auto_pad  # SAME_* on an axis with kernel 1 and stride 1 pads nothing
+    else:
+        out["pads"] = [int(pads[k]) if k in keep else 0 for k in range(nd)] + \
+                      [int(pads[nd + k]) if k in keep else 0 for k in range(nd)]
+    return out
+
+
+class _Emitter:
+    """Emits the plain ops of one lowered layer: unique node names, constants as initializers."""
+
+    def __init__(self, node: Node, layer: dict[str, Any]):
+        self.node, self.prefix = node, layer["name"]
+        self.nodes: list[Node] = []
+        self.inits: dict[str, np.ndarray] = {}
+
+    def const(self, tag: str, value: np.ndarray) -> str:
+        name = f"{self.prefix}::{tag}"
+        self.inits[name] = value
+        return name
+
+    def op(self, op: str, inputs: list[str], attrs: dict[str, Any] | None = None, last: bool = False) -> str:
+        k = len(self.nodes)
+        out = self.node.outputs[0] if last else f"{self.node.outputs[0]}::{k}"
+        self.nodes.append(Node(op, f"{self.node.name}::{k}", inputs, [out], attrs or {}))
+        return out
+
+    def reshape(self, x: str, shape: list[int], last: bool = False) -> str:
+        return self.op("Reshape", [x, self.const(f"shape{len(self.nodes)}", np.array(shape, dtype=np.int64))], last=last)
+
+    def transpose(self, x: str, perm: list[int]) -> str:
+        return self.op("Transpose", [x], {"perm": list(perm)})
+
+    def bias(self, x: str, channel_dims: int = 0) -> str:
+        """Add the node's bias (its third input) to ``x``; ``channel_dims`` trailing 1s put it on axis 1 of NCHW."""
+        if len(self.node.inputs) < 3 or not self.node.inputs[2]:
+            self.nodes[-1].outputs = [self.node.outputs[0]]  # no bias: the last op writes the output
+            return self.node.outputs[0]
+        b = self.node.inputs[2]
+        if channel_dims:
+            b = self.reshape(b, [-1] + [1] * channel_dims)
+        return self.op("Add", [x, b], last=True)
+
+    def result(self) -> tuple[list[Node], dict[str, np.ndarray]]:
+        return self.nodes, self.inits
+
+
+def _conv_bias(node: Node) -> list[str]:
+    return node.inputs[2:3] if len(node.inputs) > 2 and node.inputs[2] else []
+
+
+def _svd_spatial_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
+    a, b = f["a"], f["b"]
+    first = 0 if layer["structure"].get("first", "h") == "h" else 1
+    e = _Emitter(node, layer)
+    k1, k2 = a.shape[2], b.shape[2]
+    if first == 0:
+        w1, w2 = a[:, :, :, None], b.transpose(1, 0, 2)[:, :, None, :]
+        kern1, kern2 = [k1, 1], [1, k2]
+    else:
+        w1, w2 = a[:, :, None, :], b.transpose(1, 0, 2)[:, :, :, None]
+        kern1, kern2 = [1, k1], [k2, 1]
+    mid = e.op("Conv", [node.inputs[0], e.const("a", w1)], _conv_attrs(node.attrs, kern1, (first,)))
+    e.op("Conv", [mid, e.const("b", np.ascontiguousarray(w2))] + _conv_bias(node),
+         _conv_attrs(node.attrs, kern2, (1 - first,)), last=True)
+    return e.result()
+
+
+def _svd_spatial_reconstruct(layer: dict[str, Any], f: dict[str, np.ndarray]) -> np.ndarray:
+    if layer["structure"].get("first", "h") == "h":
+        return np.einsum("riy,rox->oiyx", f["a"], f["b"], optimize=True)
+    return np.einsum("rix,roy->oiyx", f["a"], f["b"], optimize=True)
+
+
+def _tucker2_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
+    a, core, b = f["a"], f["core"], f["b"]
+    nd = core.ndim - 2
+    ones = [1] * nd
+    e = _Emitter(node, layer)
+    x = e.op("Conv", [node.inputs[0], e.const("a", a.reshape(a.shape + (1,) * nd))], _conv_attrs(node.attrs, ones, ()))
+    x = e.op("Conv", [x, e.const("core", core)], _conv_attrs(node.attrs, list(core.shape[2:]), tuple(range(nd))))
+    w3 = np.ascontiguousarray(b.T).reshape(b.shape[1], b.shape[0], *ones)
+    e.op("Conv", [x, e.const("b", w3)] + _conv_bias(node), _conv_attrs(node.attrs, ones, ()), last=True)
+    return e.result()
+
+
+def _tucker2_reconstruct(layer: dict[str, Any], f: dict[str, np.ndarray]) -> np.ndarray:
+    a, core, b = f["a"], f["core"], f["b"]
+    p, q = core.shape[:2]
+    w = b.T @ core.reshape(p, -1)  # (C_out, r_in * K)
+    w = w.reshape(b.shape[1], q, -1).transpose(0, 2, 1) @ a  # (C_out, K, C_in)
+    return w.transpose(0, 2, 1).reshape(tuple(layer["dense"]["shape"]))
+
+
+def _cp_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
+    a, h, w, b = f["a"], f["h"], f["w"], f["b"]
+    r = a.shape[0]
+    e = _Emitter(node, layer)
+    x = e.op("Conv", [node.inputs[0], e.const("a", a[:, :, None, None])], _conv_attrs(node.attrs, [1, 1], ()))
+    hv = _conv_attrs(node.attrs, [h.shape[1], 1], (0,))
+    x = e.op("Conv", [x, e.const("h", h[:, None, :, None])], {**hv, "group": r})
+    wv = _conv_attrs(node.attrs, [1, w.shape[1]], (1,))
+    x = e.op("Conv", [x, e.const("w", w[:, None, None, :])], {**wv, "group": r})
+    w4 = np.ascontiguousarray(b.T)[:, :, None, None]
+    e.op("Conv", [x, e.const("b", w4)] + _conv_bias(node), _conv_attrs(node.attrs, [1, 1], ()), last=True)
+    return e.result()
+
+
+def _cp_reconstruct(layer: dict[str, Any], f: dict[str, np.ndarray]) -> np.ndarray:
+    return np.einsum("ro,ri,ry,rx->oiyx", f["b"], f["a"], f["h"], f["w"], optimize=True)
+
+
+def _tt_cores(f: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Logical TT-matrix cores ``(r_left, i_k, o_k, r_right)`` from the assembled factors."""
+    cores = [f["a"].transpose(1, 2, 0)[None]]
+    if "core" in f:
+        cores.append(f["core"].transpose(0, 2, 3, 1))
+    cores.append(f["b"][..., None])
+    return cores
+
+
+def _tt_linear(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
+    """x (lead..., in) through the TT-matrix chain; see the state description in the comments."""
+    st = layer["structure"]
+    ins, outs = [int(i) for i in st["in_modes"]], [int(o) for o in st["out_modes"]]
+    lead = [0] * (int(st.get("input_rank", 2)) - 1)
+    L = len(lead)
+    cores = _tt_cores(f)
+    e = _Emitter(node, layer)
+    d = len(cores)
+    # state before core k: (lead, Q_k, P_k, r_{k-1} * i_k), Q_k = prod(i_{k+1:}), P_k = prod(o_{:k-1})
+    q = int(np.prod(ins[1:]))
+    x = e.reshape(node.inputs[0], lead + [ins[0], q])
+    x = e.transpose(x, list(range(L)) + [L + 1, L])
+    p = 1
+    for k, g in enumerate(cores):
+        rl, i, o, rr = g.shape
+        x = e.op("MatMul", [x, e.const(f"g{k}", np.ascontiguousarray(g.reshape(rl * i, o * rr)))])
+        p *= o
+        if k == d - 1:
+            break
+        nxt = ins[k + 1]
+        q //= nxt
+        x = e.reshape(x, lead + [nxt, q, p, rr])
+        x = e.transpose(x, list(range(L)) + [L + 1, L + 2, L + 3, L])
+        x = e.reshape(x, lead + [q, p, rr * nxt])
+    x = e.reshape(x, lead + [int(np.prod(outs))])
+    e.bias(x)
+    return e.result()
+
+
+def _tt_matrix(f: dict[str, np.ndarray], ins: list[int], outs: list[int]) -> np.ndarray:
+    """The ``(in, out)`` matrix of a TT-matrix chain."""
+    acc = None
+    for g in _tt_cores(f):
+        if acc is None:
+            acc = g[0]  # (i1, o1, r1)
+        else:
+            rl = g.shape[0]
+            acc = (acc.reshape(-1, rl) @ g.reshape(rl, -1))  # (..., i_k o_k r_k)
+            acc = acc.reshape(-1, g.shape[3])
+    # acc holds indices (i1, o1, i2, o2, ...): bring the i's first
+    d = len(ins)
+    t = acc.reshape([v for pair in zip(ins, outs) for v in pair])
+    t = t.transpose(list(range(0, 2 * d, 2)) + list(range(1, 2 * d, 2)))
+    return t.reshape(int(np.prod(ins)), int(np.prod(outs)))
+
+
+def _tt_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
+    st = layer["structure"]
+    (i1, i2), (o1, o2) = st["in_modes"], st["out_modes"]
+    a, core, b = f["a"], f["core"], f["b"]
+    r1, r2 = core.shape[:2]
+    e = _Emitter(node, layer)
+    x = e.transpose(node.inputs[0], [0, 2, 3, 1])                       # (N, H, W, C_in)
+    x = e.reshape(x, [0, 0, 0, i1, i2])
+    x = e.transpose(x, [0, 1, 2, 4, 3])                                 # (N, H, W, i2, i1)
+    x = e.op("MatMul", [x, e.const("a", np.ascontiguousarray(a.transpose(1, 2, 0).reshape(i1, o1 * r1)))])
+    x = e.reshape(x, [0, 0, 0, i2 * o1 * r1])                           # (N, H, W, i2*o1*r1)
+    x = e.transpose(x, [0, 3, 1, 2])
+    x = e.reshape(x, [-1, r1, 0, 0])                                    # (N*i2*o1, r1, H, W)
+    x = e.op("Conv", [x, e.const("core", np.ascontiguousarray(core.transpose(1, 0, 2, 3)))],
+             _conv_attrs(node.attrs, list(core.shape[2:]), (0, 1)))
+    x = e.reshape(x, [-1, i2 * o1 * r2, 0, 0])                          # (N, i2*o1*r2, H', W')
+    x = e.transpose(x, [0, 2, 3, 1])
+    x = e.reshape(x, [0, 0, 0, i2, o1, r2])
+    x = e.transpose(x, [0, 1, 2, 4, 5, 3])                              # (N, H', W', o1, r2, i2)
+    x = e.reshape(x, [0, 0, 0, o1, r2 * i2])
+    x = e.op("MatMul", [x, e.const("b", np.ascontiguousarray(b.reshape(r2 * i2, o2)))])
+    x = e.reshape(x, [0, 0, 0, o1 * o2])
+    x = e.transpose(x, [0, 3, 1, 2])                                    # (N, C_out, H', W')
+    e.bias(x, channel_dims=2)
+    return e.result()
+
+
+def _tt_reconstruct(layer: dict[str, Any], f: dict[str, np.ndarray]) -> np.ndarray:
+    st = layer["structure"]
+    shape = tuple(layer["dense"]["shape"])
+    if layer["kind"] == "conv":  # a (r1, i1, o1), core (r1, r2, kh, kw), b (r2, i2, o2) -> (o1, o2, i1, i2, kh, kw)
+        t = np.einsum("pac,pqyx,qbd->cdabyx", f["a"], f["core"], f["b"], optimize=True)
+        return t.reshape(shape)
+    m = _tt_matrix(f, [int(i) for i in st["in_modes"]], [int(o) for o in st["out_modes"]])
+    return m if layer.get("layout") == "in_out" else m.T
+
+
+def _tr_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
+    a, core, b = f["a"], f["core"], f["b"]
+    r0, r1 = a.shape[:2]
+    r2 = core.shape[1]
+    nd = core.ndim - 2
+    ones = [1] * nd
+    e = _Emitter(node, layer)
+    x = e.op("Conv", [node.inputs[0], e.const("a", a.reshape((r0 * r1, a.shape[2]) + (1,) * nd))],
+             _conv_attrs(node.attrs, ones, ()))
+    x = e.reshape(x, [-1, r1] + [0] * nd)                               # (N*r0, r1, H, W)
+    x = e.op("Conv", [x, e.const("core", np.ascontiguousarray(core.transpose(1, 0, *range(2, 2 + nd))))],
+             _conv_attrs(node.attrs, list(core.shape[2:]), tuple(range(nd))))
+    x = e.reshape(x, [-1, r0 * r2] + [0] * nd)                          # (N, r0*r2, H', W')
+    w3 = np.ascontiguousarray(b.transpose(2, 1, 0)).reshape((b.shape[2], r0 * r2) + (1,) * nd)
+    e.op("Conv", [x, e.const("b", w3)] + _conv_bias(node), _conv_attrs(node.attrs, ones, ()), last=True)
+    return e.result()
+
+
+def _tr_reconstruct(layer: dict[str, Any], f: dict[str, np.ndarray]) -> np.ndarray:
+    a, core, b = f["a"], f["core"], f["b"]
+    c = core.reshape(core.shape[0], core.shape[1], -1)
+    w = np.einsum("abi,bgk,gao->oik", a, c, b, optimize=True)
+    return w.reshape(tuple(layer["dense"]["shape"]))
+
+
+_LOWERERS.update({
+    ("svd-spatial", "conv"): _svd_spatial_conv,
+    ("tucker2", "conv"): _tucker2_conv,
+    ("cp", "conv"): _cp_conv,
+    ("tt", "linear"): _tt_linear,
+    ("tt", "conv"): _tt_conv,
+    ("tr", "conv"): _tr_conv,
+    ("fctn", "conv"): _tr_conv,  # the 3-node FCTN of (C_in, kernel, C_out) is a ring
+})
+_RECONSTRUCT.update({
+    "svd-spatial": _svd_spatial_reconstruct,
+    "tucker2": _tucker2_reconstruct,
+    "cp": _cp_reconstruct,
+    "tt": _tt_reconstruct,
+    "tr": _tr_reconstruct,
+    "fctn": _tr_reconstruct,
+})
+_ASSEMBLE.update({
+    "tucker2": _assemble_shells,
+    "tt": _assemble_shells,
+    "tr": _assemble_shells,
+    "fctn": _assemble_shells,
+})
+# the factor and axis holding the output channels in storage form: a level's correction scale folds in
+# there (``tt`` splits the output channels over two cores, so it gets the scale as a Mul instead)
+_OUTPUT_FACTOR.update({
+    "svd-spatial": ("b", 1),
+    "tucker2": ("b", 1),
+    "cp": ("b", 1),
+    "tr": ("b", 1),
+    "fctn": ("b", 1),
+})
