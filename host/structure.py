@@ -1,0 +1,175 @@
+"""Structure search: which decomposition suits a layer, judged over the whole range of budgets.
+
+Every family that applies to a layer (and each tensorization it offers) is decomposed at its largest
+useful ranks; its ladder gives a curve of relative weight error against bytes. A device may be given
+any budget, so a family is judged by its whole curve, not one point:
+
+* ``err(B)`` is the error of the family's best level holding at most ``B`` bytes (a step function),
+  and 1 where even its smallest level does not fit;
+* the score is the mean of ``err(B)`` over ``log B`` from the smallest level any candidate offers up
+  to the dense size (the planner's zero-loss option), i.e. the area under error-vs-log(bytes),
+  normalized; the lowest score wins.
+
+The error is ``||W - W_j||_F / ||W||_F``, or, given a ``gram`` of the layer's input activations
+(``(in*kernel, in*kernel)`` with the im2col ordering ``(in, *kernel)`` for a conv), the output-weighted
+``sqrt(tr(D G D^T) / tr(W G W^T))`` with ``D = W - W_j`` (this rebuilds every level, so it is slower).
+
+Costs are capped so that a ResNet-18-sized model is searched in seconds: CP and the ring families
+(TR, FCTN) run only on kernels up to :attr:`SearchLimits.cp_max_size` /
+:attr:`SearchLimits.ring_max_size` numbers, with an ALS time cap; the report says when a family was
+skipped and why.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from stn_edge.host.decompositions.common import Decomposition, as_matrix, decompose_svd
+from stn_edge.host.decompositions.cp import decompose_cp
+from stn_edge.host.decompositions.fctn import decompose_fctn
+from stn_edge.host.decompositions.spatial import decompose_spatial
+from stn_edge.host.decompositions.tr import decompose_tr
+from stn_edge.host.decompositions.tt import decompose_tt
+from stn_edge.host.decompositions.tucker import decompose_tucker2
+from stn_edge.host.layers import Candidate
+
+#: families the search knows, in report order
+FAMILIES = ("svd", "svd-spatial", "tucker2", "cp", "tt", "tr", "fctn")
+
+
+@dataclass(frozen=True)
+class SearchLimits:
+    """Caps that keep the search fast (sizes are numbers of weights)."""
+
+    cp_max_size: int = 300_000
+    cp_seconds: float = 0.5
+    cp_max_work: float = 4e7
+    ring_max_size: int = 300_000
+    ring_seconds: float = 0.5
+    spatial_both: bool = False  # also try the horizontal-first spatial SVD (costs a second big eigensolve)
+    grid: int = 256  # points of the log-bytes grid the score averages over
+
+
+def candidates(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits: SearchLimits,
+               families: Sequence[str] | None = None) -> list[tuple[str, str, Callable[[np.ndarray], Decomposition] | None, str]]:
+    """``(name, family, decompose, why skipped)`` for every family/tensorization that applies."""
+    want = set(families or FAMILIES)
+    size = math.prod(shape)
+    out: list[tuple[str, str, Any, str]] = []
+
+    def add(name: str, family: str, fn: Any, skip: str = "") -> None:
+        if family in want:
+            out.append((name, family, None if skip else fn, skip))
+
+    add("svd", "svd", lambda w: decompose_svd(w, kind, layout, levels))
+    if kind == "embedding":  # only svd lowers a table lookup (Gather on a^T)
+        return out
+    if kind == "linear":
+        add("tt/d2", "tt", lambda w: decompose_tt(w, kind, layout, levels, d=2))
+        add("tt/d3", "tt", lambda w: decompose_tt(w, kind, layout, levels, d=3))
+        return out
+    spatial = shape[2:]
+    kernel = math.prod(spatial)
+    if len(spatial) == 2 and kernel > 1:
+        add("svd-spatial/h", "svd-spatial", lambda w: decompose_spatial(w, levels, "h"))
+        if limits.spatial_both or spatial[0] != spatial[1]:
+            add("svd-spatial/w", "svd-spatial", lambda w: decompose_spatial(w, levels, "w"))
+    if kernel > 1:
+        add("tucker2", "tucker2", lambda w: decompose_tucker2(w, levels))
+    if len(spatial) == 2 and kernel > 1:
+        skip = f"kernel of {size} weights is above cp_max_size={limits.cp_max_size}" if size > limits.cp_max_size else ""
+        add("cp", "cp", lambda w: decompose_cp(w, levels, max_work=limits.cp_max_work, seconds=limits.cp_seconds), skip)
+    if len(spatial) == 2:
+        add("tt", "tt", lambda w: decompose_tt(w, kind, layout, levels))
+    if kernel > 1:
+        skip = f"kernel of {size} weights is above ring_max_size={limits.ring_max_size}" if size > limits.ring_max_size else ""
+        add("tr", "tr", lambda w: decompose_tr(w, levels, seconds=limits.ring_seconds), skip)
+        add("fctn", "fctn", lambda w: decompose_fctn(w, levels, seconds=limits.ring_seconds), skip)
+    return out
+
+
+def weighted_errors(d: Decomposition, w: np.ndarray, gram: np.ndarray) -> list[float]:
+    """Output-weighted relative errors of every level (see module doc)."""
+    m = as_matrix(w, d.kind, d.layout).astype(np.float64)
+    ref = float(np.einsum("ij,jk,ik->", m, gram, m)) or 1.0
+    out = []
+    for j in range(d.levels):
+        diff = m - as_matrix(d.truncated(j), d.kind, d.layout)
+        out.append(math.sqrt(max(float(np.einsum("ij,jk,ik->", diff, gram, diff)), 0.0) / ref))
+    return out
+
+
+def error_at(level_bytes: Sequence[int], errors: Sequence[float], budget: float) -> float:
+    """Error of the best level holding at most ``budget`` bytes (1 when none fits)."""
+    fit = [e for b, e in zip(level_bytes, errors) if b <= budget]
+    return min(fit) if fit else 1.0
+
+
+def choose_structure(
+    candidate: Candidate,
+    weight: np.ndarray,
+    levels: int = 32,
+    families: Sequence[str] | None = None,
+    *,
+    gram: np.ndarray | None = None,
+    limits: SearchLimits = SearchLimits(),
+) -> tuple[Decomposition, list[dict[str, Any]]]:
+    """Decompose ``weight`` with every applicable family; return the best and a report of all.
+
+    Parameters
+    ----------
+    candidate : the layer (its ``kind`` and ``layout`` say how to read ``weight``).
+    weight : the dense weight, in the node's layout.
+    levels : ladder levels per family (at most).
+    families : restrict the search to these family names (default: all of :data:`FAMILIES`).
+    gram : optional input-activation Gram matrix for output-weighted errors.
+    limits : size and time caps (see :class:`SearchLimits`).
+
+    Returns
+    -------
+    best : the :class:`Decomposition` with the lowest score.
+    report : one dict per candidate, best first: ``name, family, structure, score, err@10%, err@25%,
+        err@50%, levels, min_bytes, max_bytes, dense_bytes, seconds, chosen`` (or ``skipped`` with why).
+    """
+    done: list[tuple[str, Decomposition, list[float]]] = []
+    report: list[dict[str, Any]] = []
+    for name, family, fn, skip in candidates(candidate.kind, tuple(weight.shape), candidate.layout, levels, limits, families):
+        if fn is None:
+            report.append({"name": name, "family": family, "skipped": skip})
+            continue
+        t0 = time.perf_counter()
+        try:
+            d = fn(weight)
+        except ValueError as exc:  # the family cannot save bytes on this shape
+            report.append({"name": name, "family": family, "skipped": str(exc)})
+            continue
+        errs = d.errors if gram is None else weighted_errors(d, weight, gram)
+        d.seconds = time.perf_counter() - t0
+        done.append((name, d, errs))
+    if not done:
+        raise ValueError(f"no decomposition family saves bytes on {candidate.weight!r} {tuple(weight.shape)}")
+    dense = done[0][1].dense_bytes
+    lo = min(d.level_bytes[0] for _, d, _ in done)
+    grid = np.geomspace(lo, dense, limits.grid, endpoint=False) if lo < dense else np.array([float(lo)])
+    scored = []
+    for name, d, errs in done:
+        lb = d.level_bytes
+        curve = [error_at(lb, errs, b) for b in grid]
+        scored.append((float(np.mean(curve)), name, d, errs))
+    scored.sort(key=lambda s: s[0])
+    rows = []
+    for rank, (score, name, d, errs) in enumerate(scored):
+        lb = d.level_bytes
+        rows.append({
+            "name": name, "family": d.family,
+            "structure": {k: v for k, v in d.structure.items() if k != "shells"},
+            "score": round(score, 6),
+            **{f"err@{p}%": round(error_at(lb, errs, dense * p / 100), 6) for p in (10, 25, 50)},
+            "levels": d.levels, "min_bytes": lb[0], "max_bytes": lb[-1], "dense_bytes": dense,
+            "seconds": round(d.seconds, 4), "chosen": rank == 0, **({"notes": d.notes} if d.notes else {}),
+        })
+    return scored[0][2], rows + report
