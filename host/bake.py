@@ -14,8 +14,7 @@ from stn_edge import __version__
 from stn_edge.errors import CaptureError
 from stn_edge.format import ArtifactBuilder
 from stn_edge.graph import Graph, graph_to_dict
-from stn_edge.host.decompositions.svd import break_even_rank, ladder_ranks, svd_factors
-from stn_edge.host.correction import corrected_weight, layer_inputs, level_corrections
+from stn_edge.host.correction import corrected_weight, layer_inputs, level_corrections, level_corrections_dense
 from stn_edge.host.export import capture
 from stn_edge.host.importance import score_truncations
 from stn_edge.host.layers import Candidate, Skipped, find_layers
@@ -131,18 +130,27 @@ def bake(
     for cand in candidates:
         _ensure_bias(graph, cand)
     score_feeds = {k: v[:score_samples] for k, v in feeds.items()}
+    needs_inputs = [c for c in candidates if (correct and _bias_name(c)) or (families != ["svd"] and c.kind == "linear")]
+    inputs = layer_inputs(graph, needs_inputs, score_feeds) if needs_inputs else {}
     decomposed = []
     for i, cand in enumerate(candidates):
-        decomposed.append(_decompose(cand, graph.initializers[cand.weight], levels))
-        say(f"decomposed {i + 1}/{len(candidates)}: {cand.name} {decomposed[-1]['meta']['dense']['shape']}")
+        x = inputs.get(cand.weight)
+        decomposed.append(_decompose(cand, graph.initializers[cand.weight], levels, families,
+                                     None if x is None else x.ndim))
+        d = decomposed[-1]
+        say(f"decomposed {i + 1}/{len(candidates)}: {cand.name} {d['meta']['dense']['shape']} -> {d['dec'].family}")
     if correct and decomposed:
         say("measuring per-level output statistics")
-        inputs = layer_inputs(graph, [d["cand"] for d in decomposed if _bias_name(d["cand"])], score_feeds)
         for d in decomposed:
-            cand = d["cand"]
-            if _bias_name(cand):
-                d["corr"] = level_corrections(cand, d["dense"], graph.initializers[_bias_name(cand)],
-                                              d["a"], d["b"], d["ranks"], inputs[cand.weight])
+            cand, dec = d["cand"], d["dec"]
+            if not _bias_name(cand):
+                continue
+            bias = graph.initializers[_bias_name(cand)]
+            if dec.family == "svd":
+                d["corr"] = level_corrections(cand, d["dense"], bias, dec.factors["a"], dec.factors["b"], d["ranks"],
+                                              inputs[cand.weight])
+            else:
+                d["corr"] = level_corrections_dense(cand, d["dense"], bias, dec.truncated, dec.levels, inputs[cand.weight])
     if importance == "data" and decomposed:
         n_levels = sum(len(d["ranks"]) for d in decomposed)
         say(f"scoring {n_levels} truncation levels on {len(next(iter(score_feeds.values())))} calibration samples")
@@ -174,7 +182,7 @@ def bake(
     size = builder.write(path, header)
     report = BakeReport(
         path=str(path), artifact_bytes=size, full_bytes=header["full_bytes"], skipped=skipped,
-        layers=[BakedLayer(d["meta"]["name"], "svd", tuple(d["meta"]["dense"]["shape"]), d["meta"]["max_rank"],
+        layers=[BakedLayer(d["meta"]["name"], d["dec"].family, tuple(d["meta"]["dense"]["shape"]), d["meta"]["max_rank"],
                            d["ranks"], int(graph.initializers[d["meta"]["weight"]].nbytes)) for d in decomposed],
         seconds=time.perf_counter() - t0,
     )
@@ -182,15 +190,16 @@ def bake(
     return report
 
 
-def _families(structure: str | Sequence[str]) -> list[str]:
-    """The decomposition families ``structure`` allows."""
-    known = ["svd"]
+def _families(structure: str | Sequence[str]) -> list[str] | None:
+    """The decomposition families ``structure`` allows (None: all, searched per layer)."""
+    from stn_edge.host.structure import FAMILIES
+
     if structure == "auto":
-        return known
+        return None
     wanted = [structure] if isinstance(structure, str) else list(structure)
-    unknown = [f for f in wanted if f not in known]
+    unknown = [f for f in wanted if f not in FAMILIES]
     if unknown:
-        raise ValueError(f"unknown decomposition families {unknown}; known: {', '.join(known)} (or 'auto')")
+        raise ValueError(f"unknown decomposition families {unknown}; known: {', '.join(FAMILIES)} (or 'auto')")
     return wanted
 
 
@@ -238,29 +247,24 @@ def _level_overrides(graph: Graph, d: dict[str, Any], corrected: bool = True) ->
     return out
 
 
-def _decompose(cand: Candidate, w: np.ndarray, levels: int) -> dict[str, Any]:
-    mat = cand.matrix(w)
-    m, n = mat.shape
-    top = break_even_rank(m, n)
-    a, b, s = svd_factors(mat, top)
-    if cand.kind == "conv":
-        a = a.reshape(top, *w.shape[1:])
-    ranks = ladder_ranks(top, levels)
-    energy = float(np.sum(s.astype(np.float64) ** 2)) or 1.0
-    meta = {
-        "name": cand.name, "weight": cand.weight, "node": cand.node.name, "kind": cand.kind, "family": "svd",
-        "layout": cand.layout, "structure": {"matricization": "out | in*kernel"}, "max_rank": int(min(m, n)),
-        "dense": {"shape": list(w.shape)},
-    }
+def _decompose(cand: Candidate, w: np.ndarray, levels: int, families: list[str] | None,
+               input_rank: int | None) -> dict[str, Any]:
+    """Decompose one weight with the best family (or SVD); the layer fields and ladder helpers."""
+    from stn_edge.host.decompositions.common import decompose_svd
+    from stn_edge.host.structure import choose_structure
 
-    def truncated(j: int) -> np.ndarray:
-        k = ranks[j]
-        return reconstruct(meta, {"a": a[:k], "b": b[:k]})
-
-    return {
-        "meta": meta, "cand": cand, "a": a, "b": b, "ranks": ranks, "truncated": truncated, "dense": w,
-        "spectral_loss": [float(np.sum(s[k:].astype(np.float64) ** 2) / energy) for k in ranks],
-    }
+    report: list[dict[str, Any]] = []
+    if families == ["svd"] or cand.kind == "embedding":
+        best = decompose_svd(w, cand.kind, cand.layout, levels)
+    else:
+        best, report = choose_structure(cand, w, levels, families)
+    if best.family == "tt" and cand.kind == "linear" and input_rank:
+        best.structure["input_rank"] = int(input_rank)
+    meta = best.layer(name=cand.name, node=cand.node.name, weight=cand.weight)
+    if report:
+        meta["search"] = report
+    return {"meta": meta, "cand": cand, "dec": best, "ranks": list(best.ranks), "truncated": best.truncated,
+            "dense": w, "spectral_loss": best.spectral_loss}
 
 
 def _reference_outputs(model: Any, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -290,14 +294,14 @@ def _assemble(graph, decomposed, losses, skipped, feeds, reference) -> tuple[dic
     for d, loss in zip(decomposed, losses):
         meta = dict(d["meta"])
         meta["dense"] = builder.add_array(d["dense"])
-        meta["factors"] = {"a": builder.add_rows(d["a"], d["ranks"]), "b": builder.add_rows(d["b"], d["ranks"])}
+        meta["factors"] = {k: builder.add_rows(v, d["dec"].row_ends[k]) for k, v in d["dec"].factors.items()}
         corr_bytes = 0
         if "corr" in d:
             meta["corrections"] = builder.add_rows(d["corr"], range(1, len(d["ranks"]) + 1))
             corr_bytes = int(d["corr"][0].nbytes)
         meta["ladder"] = {
-            "ranks": d["ranks"],
-            "bytes": [int(d["a"][:k].nbytes + d["b"][:k].nbytes) + corr_bytes for k in d["ranks"]],
+            **meta["ladder"],  # ranks and, for multi-bond families, the bonds of each level
+            "bytes": [int(b) + corr_bytes for b in d["dec"].level_bytes],
             "loss": [float(x) for x in loss],
         }
         layers.append(meta)

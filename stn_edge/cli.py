@@ -48,16 +48,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                          f"{format_bytes(lad['bytes'][0])}..{format_bytes(lad['bytes'][-1])}"))
         for s in h.get("skipped", []):
             rows.append((s["weight"], "dense", "", "", s["reason"], ""))
+        searched = [l for l in h["layers"] if l.get("search")]
+        search_text = ""
+        if searched:
+            srows = [("layer", "candidate", "score", "err@10%", "err@25%", "err@50%", "seconds")]
+            for l in searched:
+                for c in l["search"][:4]:
+                    if "skipped" in c:
+                        continue
+                    srows.append((l["name"] if c.get("chosen") else "", ("* " if c.get("chosen") else "  ") + c["name"],
+                                  f"{c['score']:.4f}", f"{c['err@10%']:.3f}", f"{c['err@25%']:.3f}", f"{c['err@50%']:.3f}",
+                                  f"{c['seconds']:.2f}"))
+            search_text = "\n\nstructure search (chosen *, runners-up; relative weight error at % of dense bytes)\n" + format_table(srows)
         ios = "; ".join(f"{v['name']} {v['shape']} {v['dtype']}" for v in model["inputs"])
         outs = "; ".join(f"{v['name']} {v['shape']} {v['dtype']}" for v in model["outputs"])
         text = (f"{args.artifact}: stn format {r.version[0]}.{r.version[1]}, {h.get('producer', '?')}\n"
                 f"inputs: {ios}\noutputs: {outs}\n{len(model['nodes'])} nodes, {len(h['layers'])} factorized layers, "
                 f"{len(h['tensors'])} dense tensors; full model {format_bytes(h['full_bytes'])}, "
-                f"file {format_bytes(r.data_start + r.data_size)}\n\n" + format_table(rows))
+                f"file {format_bytes(r.data_start + r.data_size)}\n\n" + format_table(rows) + search_text)
         data = {
             "version": list(r.version), "producer": h.get("producer"), "inputs": model["inputs"], "outputs": model["outputs"],
             "nodes": len(model["nodes"]), "full_bytes": h["full_bytes"],
-            "layers": [{k: l[k] for k in ("name", "family", "kind", "node", "max_rank", "ladder", "structure") if k in l}
+            "layers": [{k: l[k] for k in ("name", "family", "kind", "node", "max_rank", "ladder", "structure", "search") if k in l}
                        | {"dense_shape": l["dense"]["shape"]} for l in h["layers"]],
             "skipped": h.get("skipped", []),
         }

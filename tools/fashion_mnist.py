@@ -95,23 +95,32 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1000) 
     return correct / len(x)
 
 
-def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float = 0.1, reg_strength: float = 0.0,
-          batch: int = 128, log=print) -> dict:
-    """SGD + momentum with a one-cycle schedule; the low-rank regularizer when ``reg_strength`` > 0."""
+def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: float, lr: float = 0.1, reg_strength: float = 0.0,
+          batch: int = 128, log=print, budget_sampled: bool = False) -> dict:
+    """SGD + momentum with a one-cycle schedule; the low-rank regularizer when ``reg_strength`` > 0;
+    budget-sampled fine-tuning (training through sampled truncations) when ``budget_sampled``."""
+    from stn_edge.host.finetune import BudgetSampledFinetuner
     from stn_edge.host.regularizer import LowRankRegularizer
 
     reg = LowRankRegularizer(model, strength=reg_strength) if reg_strength > 0 else None
+    ft = BudgetSampledFinetuner(model, budgets=(0.05, 1.0)) if budget_sampled else None
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    steps = epochs * (len(x) // batch)
+    steps = int(epochs * (len(x) // batch))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     t0, seen, reg_time = time.perf_counter(), 0, 0.0
-    for epoch in range(epochs):
+    for epoch in range(int(np.ceil(epochs))):
         model.train()
         perm = torch.randperm(len(xt))
         for i in range(0, len(xt) - batch + 1, batch):
+            if seen >= steps:
+                break
             b = perm[i:i + batch]
-            loss = nn.functional.cross_entropy(model(augment(xt[b])), yt[b])
+            xb = augment(xt[b])
+            if ft is not None:
+                loss = ft.step_loss(lambda m: nn.functional.cross_entropy(m(xb), yt[b]))
+            else:
+                loss = nn.functional.cross_entropy(model(xb), yt[b])
             if reg is not None:
                 tr = time.perf_counter()
                 loss = loss + reg()
@@ -123,6 +132,8 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float
             seen += 1
             if seen % 100 == 0:
                 log(f"epoch {epoch + 1} step {seen}/{steps} loss {float(loss):.3f} ({time.perf_counter() - t0:.0f} s)")
+    if ft is not None:
+        ft.finish()
     return {"seconds": time.perf_counter() - t0, "steps": seen, "regularizer_seconds": reg_time}
 
 
@@ -131,7 +142,8 @@ def main() -> None:
     ap.add_argument("command", choices=["train"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--init", help="start from this state dict")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=float, default=3)
+    ap.add_argument("--budget-sampled", action="store_true", help="train through sampled truncations (sandwich rule)")
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--reg", type=float, default=0.0, help="low-rank regularizer strength (0: off)")
     args = ap.parse_args()
@@ -143,7 +155,8 @@ def main() -> None:
     if args.init:
         model.load_state_dict(torch.load(args.init, weights_only=True))
     log = lambda m: print(m, flush=True)
-    stats = train(model, xtr, ytr, args.epochs, lr=args.lr, reg_strength=args.reg, log=log)
+    stats = train(model, xtr, ytr, args.epochs, lr=args.lr, reg_strength=args.reg, log=log,
+                  budget_sampled=args.budget_sampled)
     acc = evaluate(model, xte, yte)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.out)
