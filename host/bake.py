@@ -257,7 +257,11 @@ def _decompose(cand: Candidate, w: np.ndarray, levels: int, families: list[str] 
     if families == ["svd"] or cand.kind == "embedding":
         best = decompose_svd(w, cand.kind, cand.layout, levels)
     else:
-        best, report = choose_structure(cand, w, levels, families)
+        try:
+            best, report = choose_structure(cand, w, levels, families)
+        except ValueError as exc:  # none of the allowed families fits this shape (Tucker-2 on a 1x1 conv)
+            best = decompose_svd(w, cand.kind, cand.layout, levels)
+            report = [{"name": "svd", "family": "svd", "fallback": str(exc)}]
     if best.family == "tt" and cand.kind == "linear" and input_rank:
         best.structure["input_rank"] = int(input_rank)
     meta = best.layer(name=cand.name, node=cand.node.name, weight=cand.weight)

@@ -54,7 +54,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             srows = [("layer", "candidate", "score", "err@10%", "err@25%", "err@50%", "seconds")]
             for l in searched:
                 for c in l["search"][:4]:
-                    if "skipped" in c:
+                    if "skipped" in c or "fallback" in c:
                         continue
                     srows.append((l["name"] if c.get("chosen") else "", ("* " if c.get("chosen") else "  ") + c["name"],
                                   f"{c['score']:.4f}", f"{c['err@10%']:.3f}", f"{c['err@25%']:.3f}", f"{c['err@50%']:.3f}",
