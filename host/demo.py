@@ -92,7 +92,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 30, stre
 
 def finetune(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 4, log=print) -> None:
     """Budget-sampled fine-tuning: train through the truncations the planner picks at sampled budgets."""
-    from stn_edge.host.finetune import BudgetSampledFinetuner
+    from stn_edge.host.finetune import BudgetSampledFinetuner, recalibrate_batchnorm
 
     ft = BudgetSampledFinetuner(model, budgets=(0.08, 1.0))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -108,6 +108,7 @@ def finetune(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 4, lo
             opt.step()
         log(f"[finetune] epoch {epoch + 1}/{epochs} loss {float(loss.detach()):.3f}")
     ft.finish()
+    recalibrate_batchnorm(model, (xt[i:i + 128] for i in range(0, len(xt), 128)))
     model.eval()
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -113,3 +113,25 @@ class BudgetSampledFinetuner:
         for m in self.modules:
             if parametrize.is_parametrized(m, "weight"):
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Re-estimate every BatchNorm's running statistics at full rank (cumulative average over ``batches``).
+
+    Training through sampled truncations feeds BatchNorm the statistics of many different networks,
+    and its running averages end up fitting none of them; the full-rank network needs its own.
+    Run this after :meth:`BudgetSampledFinetuner.finish` with a few dozen training batches.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    was = model.training
+    model.train()
+    for x in batches:
+        model(x)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.train(was)

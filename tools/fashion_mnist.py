@@ -133,7 +133,10 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: float, lr: flo
             if seen % 100 == 0:
                 log(f"epoch {epoch + 1} step {seen}/{steps} loss {float(loss):.3f} ({time.perf_counter() - t0:.0f} s)")
     if ft is not None:
+        from stn_edge.host.finetune import recalibrate_batchnorm
+
         ft.finish()
+        recalibrate_batchnorm(model, (xt[perm[i:i + batch]] for i in range(0, 100 * batch, batch)))
     return {"seconds": time.perf_counter() - t0, "steps": seen, "regularizer_seconds": reg_time}
 
 

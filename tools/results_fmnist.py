@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results_fmnist.json")
     ap.add_argument("--plot", default="docs/results_fmnist.png")
     ap.add_argument("--only", help="comma-separated variant indices to run")
+    ap.add_argument("--backend", default="onnxruntime")
     args = ap.parse_args()
     torch.set_num_threads(2)
     xtr, _ = load("train")
@@ -98,7 +99,7 @@ def main() -> None:
             print(f"skip {v['name']}: {exc}", flush=True)
             continue
         bake_s = time.perf_counter() - t0
-        rt0 = Runtime.load(path, backend="onnxruntime")
+        rt0 = Runtime.load(path, backend="numpy")
         fixed = rt0._fixed_bytes
         factorizable = rt0.full_bytes - fixed
         rt0.close()
@@ -106,7 +107,7 @@ def main() -> None:
         for frac in BUDGETS:
             budget = int(fixed + frac * factorizable)
             try:
-                with Runtime.load(path, mem_limit=f"{100.0 * budget / (fixed + factorizable):.6f}%", backend="onnxruntime",
+                with Runtime.load(path, mem_limit=f"{100.0 * budget / (fixed + factorizable):.6f}%", backend=args.backend,
                                   planner=v.get("planner", "greedy")) as rt:
                     acc = accuracy(rt, xte, yte)
                     held = rt.plan.total_bytes
@@ -117,6 +118,7 @@ def main() -> None:
             print(f"{v['name']}: {frac:.0%} -> {acc:.4f}", flush=True)
         results["curves"] = [c for c in results["curves"] if c["name"] != v["name"]]
         results["curves"].append({**{k: v[k] for k in ("name", "model")}, "bake_seconds": bake_s, "points": points,
+                                  "backend": args.backend,
                                   "families": sorted({l.family for l in report.layers})})
         results["dense_accuracy"] = dense_acc
         results["test_images"] = args.test
