@@ -95,7 +95,12 @@ DDP_SCRIPT = textwrap.dedent('''
             opt.zero_grad(); loss.backward(); opt.step()
         if rank == 0:
             torch.save(model.state_dict(), out)
+        dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        # skip interpreter teardown: gloo's threads can abort ("terminate called without an active
+        # exception") while C++ statics are destroyed, after all the work is done and saved
+        os._exit(0)
     else:
         model = make()
         reg = LowRankRegularizer(model, strength=1e-2, unfoldings=("out", "in"), min_params=0)
