@@ -128,7 +128,7 @@ def median_latency_ms(fn, x: np.ndarray, repeats: int = 50) -> float:
 
 
 def run_demo(budgets=("100%", "50%", "25%", "10%"), backend: str = "auto", out: str | None = None,
-             epochs: int = 24, finetune_epochs: int = 4, quiet: bool = False) -> list[dict]:
+             epochs: int = 20, finetune_epochs: int = 3, quiet: bool = False) -> list[dict]:
     """Train, bake, load at each budget; print and return one row per budget."""
     from stn_edge.device import Runtime
     from stn_edge.errors import BudgetError
@@ -147,7 +147,8 @@ def run_demo(budgets=("100%", "50%", "25%", "10%"), backend: str = "auto", out: 
         dense_acc = float((model(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean())
     log(f"[demo] dense PyTorch accuracy {dense_acc:.1%}")
     path = Path(out) if out else Path(tempfile.mkdtemp(prefix="stn-demo-")) / "digits.stn"
-    report = bake(model, torch.from_numpy(xtr[:1]), path, calibration=torch.from_numpy(xtr[:256]), progress=not quiet)
+    report = bake(model, torch.from_numpy(xtr[:1]), path, calibration=torch.from_numpy(xtr[:256]), score_samples=64,
+                  progress=not quiet)
     rows = []
     for budget in budgets:
         try:

@@ -313,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="train, bake and load a digits CNN at 100/50/25/10%% budgets")
     sp.add_argument("--backend", default="auto")
     sp.add_argument("--output", help="keep the artifact at this path")
-    sp.add_argument("--epochs", type=int, default=24, help="regularized training epochs")
-    sp.add_argument("--finetune-epochs", type=int, default=4, help="budget-sampled fine-tuning epochs (0: off)")
+    sp.add_argument("--epochs", type=int, default=20, help="regularized training epochs")
+    sp.add_argument("--finetune-epochs", type=int, default=3, help="budget-sampled fine-tuning epochs (0: off)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_demo)
 
