@@ -150,5 +150,21 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+
+def markdown(results: dict) -> str:
+    """The curves as a markdown table (one row per curve, one column per budget)."""
+    fracs = BUDGETS
+    head = "| curve | " + " | ".join(f"{f:.0%}" for f in fracs) + " |"
+    rows = [head, "|" + "---|" * (len(fracs) + 1)]
+    for c in results["curves"]:
+        acc = {p["fraction"]: p["accuracy"] for p in c["points"]}
+        cells = [f"{100 * acc[f]:.1f}" if acc.get(f) is not None else ("infeasible" if f in acc else "-") for f in fracs]
+        rows.append(f"| {c['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown(json.loads(Path("docs/results_fmnist.json").read_text())))
+    else:
+        main()
