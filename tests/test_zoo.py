@@ -292,10 +292,6 @@ def test_unsupported_op_is_refused_at_load(tmp_path, backend, op):
 def test_refusal_names_only_backends_that_run_the_op(tmp_path, backend, request):
     """The backends an UnsupportedOp suggests have the op in their registries."""
     _engine(backend)
-    if backend == "torch":
-        request.applymarker(pytest.mark.xfail(
-            reason="device/backends/torch.py suggests its constant FALLBACK_BACKENDS ('onnxruntime', 'numpy') "
-                   "even for ops numpy lacks (Atan)", strict=False))
     path = _bake_conv_then("Atan", tmp_path / "atan.stn")
     with pytest.raises(UnsupportedOp) as info:
         Runtime.load(path, backend=backend)

@@ -860,12 +860,14 @@ def resize(
 
 
 def _unsupported(node: Node, reason: str) -> UnsupportedOp:
+    # suggest numpy only when its registry has the op (torch lacks a variant numpy may run)
+    backends = tuple(b for b in FALLBACK_BACKENDS if b != "numpy" or node.op in reference.OPS)
     return UnsupportedOp(
         f"torch backend cannot run node {node.name!r} (op {node.op!r}): {reason}; "
-        f"run it with backend {' or '.join(map(repr, FALLBACK_BACKENDS))}",
+        f"run it with backend {' or '.join(map(repr, backends))}",
         op=node.op,
         node=node.name,
-        backends=FALLBACK_BACKENDS,
+        backends=backends,
     )
 
 
