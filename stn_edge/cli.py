@@ -88,7 +88,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from stn_edge.plan import plan_artifact
 
     with ArtifactReader(args.artifact) as reader:
-        plan = plan_artifact(reader, args.mem_limit)
+        if args.backend is None:
+            plan = plan_artifact(reader, args.mem_limit)
+        else:  # count the engine's copies of the weights, as Runtime.load on that backend does
+            from stn_edge.device.backends import get_backend
+            from stn_edge.device.memory import counted_plan, engine_memory
+            from stn_edge.plan import ladder_specs, plan_ranks
+
+            specs, fixed = ladder_specs(reader)
+            full = int(reader.header["full_bytes"])
+            plan = counted_plan(lambda weights: plan_ranks(specs, fixed, weights, full), args.mem_limit,
+                                full_bytes=full, engine=engine_memory(get_backend(args.backend)))
     _emit(args, plan.to_dict(), plan.table())
     return 0
 
@@ -295,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("plan", help="show the ranks a budget gets, without loading weights")
     sp.add_argument("artifact")
+    sp.add_argument("--backend", default=None,
+                    help="count this engine's copies of the weights, as loading on it would (default: weights only)")
     sp.add_argument("--mem-limit", default=None, help="budget: bytes, 12MB, 3MiB or 35%% (default: full model)")
     common(sp)
     sp.set_defaults(func=cmd_plan)

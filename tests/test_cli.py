@@ -129,3 +129,14 @@ def test_every_command_has_help():
     for cmd in ("bake", "inspect", "plan", "run", "verify", "demo"):
         res = subprocess.run([sys.executable, "-m", "stn_edge.cli", cmd, "--help"], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0 and "usage: stn-edge" in res.stdout
+
+
+def test_plan_with_backend_agrees_with_runtime(capsys, tmp_path):
+    from stn_edge.device import Runtime
+
+    path = tmp_path / "tiny.stn"
+    path.write_bytes(tiny_bytes())
+    for budget in ("1500", "60%"):
+        code, out, _ = _run(capsys, "plan", path, "--mem-limit", budget, "--backend", "onnxruntime", "--json")
+        with Runtime.load(path, mem_limit=budget if budget.endswith("%") else int(budget), backend="onnxruntime") as rt:
+            assert code == 0 and json.loads(out)["layers"][0]["rank"] == rt.plan.layers[0].rank
