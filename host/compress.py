@@ -20,7 +20,6 @@ from torch import nn
 
 from stn_edge.device import Runtime
 from stn_edge.device.backends import get_backend
-from stn_edge.errors import BackendError
 from stn_edge.graph import Graph
 from stn_edge.plan import Plan
 
@@ -50,20 +49,7 @@ class CompressedModel(nn.Module):
         exe = self._exe
         if len(inputs) != len(self._inputs):
             raise TypeError(f"the model takes {len(self._inputs)} input(s) {self._inputs}, got {len(inputs)}")
-        env: dict[str, Any] = dict(zip(self._inputs, inputs))
-        for step in exe._steps:
-            args = [exe._value(env, name, param, step.on_host) for name, param in step.reads]
-            try:
-                results = step.run(*args, **step.attrs)
-            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                raise BackendError(f"node {step.node.name!r} (op {step.node.op!r}) failed: {exc}") from exc
-            if not isinstance(results, tuple):
-                results = (results,)
-            for name, value in zip(step.node.outputs, results):
-                if name:
-                    env[name] = value if isinstance(value, torch.Tensor) else np.asarray(value)
-            for name in step.release:
-                env.pop(name, None)
+        env = exe.execute(dict(zip(self._inputs, inputs)))
         outs = tuple(exe._value(env, name, False, False) for name in self._outputs)
         return outs[0] if len(outs) == 1 else outs
 

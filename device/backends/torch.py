@@ -1041,24 +1041,32 @@ class TorchExecutable(Executable):
         if folded:
             raise InputError(f"constants {folded} were folded into the graph at prepare and cannot be fed; prepare again")
         with torch.inference_mode():
-            env: dict[str, Any] = {name: self._to_device(np.asarray(value)) for name, value in feeds.items()}
-            for step in self._steps:
-                args = [self._value(env, name, param, step.on_host) for name, param in step.reads]
-                try:
-                    results = step.run(*args, **step.attrs)
-                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                    raise BackendError(
-                        f"torch backend: node {step.node.name!r} (op {step.node.op!r}) failed: {exc}"
-                    ) from exc
-                if not isinstance(results, tuple):
-                    results = (results,)
-                for name, value in zip(step.node.outputs, results):
-                    if name:
-                        # numpy ops may give numpy scalars; host values are always arrays
-                        env[name] = value if isinstance(value, torch.Tensor) else np.asarray(value)
-                for name in step.release:
-                    env.pop(name, None)
+            env = self.execute({name: self._to_device(np.asarray(value)) for name, value in feeds.items()})
             return {o.name: self._to_host(self._value(env, o.name, True, True)) for o in self.graph.outputs}
+
+    def execute(self, env: dict[str, Any]) -> dict[str, Any]:
+        """Run every step on ``env`` (value name -> tensor, inputs filled in); return it with the outputs.
+
+        No grad mode is set here: :meth:`run` wraps it in inference mode, and a trainable wrapper
+        (``stn_edge.host.compress``) calls it with autograd on.
+        """
+        for step in self._steps:
+            args = [self._value(env, name, param, step.on_host) for name, param in step.reads]
+            try:
+                results = step.run(*args, **step.attrs)
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                raise BackendError(
+                    f"torch backend: node {step.node.name!r} (op {step.node.op!r}) failed: {exc}"
+                ) from exc
+            if not isinstance(results, tuple):
+                results = (results,)
+            for name, value in zip(step.node.outputs, results):
+                if name:
+                    # numpy ops may give numpy scalars; host values are always arrays
+                    env[name] = value if isinstance(value, torch.Tensor) else np.asarray(value)
+            for name in step.release:
+                env.pop(name, None)
+        return env
 
     def _to_host(self, value: Any) -> np.ndarray:
         if isinstance(value, np.ndarray):
