@@ -99,8 +99,12 @@ def bake(
         truncation level by its effect on the output, and whose first samples are stored in the
         artifact with reference outputs. Defaults to ``example_inputs``.
     levels : truncation levels per layer in the ladder (at most).
-    structure : ``"svd"`` (truncated SVD of the output matricization for every layer), ``"auto"``
-        (search the structure per layer), or a list of family names to choose from.
+    structure : ``"svd"`` (default: truncated SVD of the output matricization for every layer,
+        the fastest bake), ``"auto"`` (search the decomposition structure per layer among
+        :data:`stn_edge.host.structure.FAMILIES`: the most accuracy per byte, see docs/RESULTS.md),
+        or a list of family names to choose from. ``"auto"`` is not the default yet: some
+        families' lowerings make contiguous copies on the numpy backend, which the memory
+        accounting does not count (docs/RELIABILITY.md).
     importance : ``"data"`` (measured output error) or ``"spectral"`` (discarded singular energy).
     score_samples : calibration samples used to score truncation levels (the first ones).
     correct : store, per level, the per-channel output scale and shift that restore the full-rank
