@@ -68,6 +68,24 @@ class Graph:
         """Nodes that read ``value``."""
         return [n for n in self.nodes if value in n.inputs]
 
+    def check_wiring(self) -> None:
+        """Raise :class:`~stn_edge.errors.BackendError` unless every node reads only values that an
+        input, an initializer or an earlier node provides, and every graph output is produced."""
+        from stn_edge.errors import BackendError
+
+        available = {v.name for v in self.inputs} | set(self.initializers)
+        for node in self.nodes:
+            absent = [name for name in node.inputs if name and name not in available]
+            if absent:
+                raise BackendError(
+                    f"node {node.name!r} reads {absent}, which no input, initializer or earlier node "
+                    "provides; the graph must be topologically sorted"
+                )
+            available.update(node.outputs)
+        unproduced = [o.name for o in self.outputs if o.name not in available]
+        if unproduced:
+            raise BackendError(f"graph outputs {unproduced} are produced by no node, input or initializer")
+
     def producer(self, value: str) -> Node | None:
         """The node that writes ``value``, or None for inputs and initializers."""
         for n in self.nodes:

@@ -1316,23 +1316,13 @@ class NumpyExecutable(Executable):
             if name not in keep:
                 release[i].append(name)
         self._steps = []
-        available = {v.name for v in graph.inputs} | set(graph.initializers)
-        for node, dead in zip(graph.nodes, release):
-            impl = _check_node(node, graph.opset)
-            absent = [name for name in node.inputs if name and name not in available]
-            if absent:
-                raise BackendError(
-                    f"node {node.name!r} reads {absent}, which no input, initializer or earlier node "
-                    "provides; the graph must be topologically sorted"
-                )
-            available.update(node.outputs)
+        impls = [_check_node(node, graph.opset) for node in graph.nodes]
+        graph.check_wiring()
+        for node, impl, dead in zip(graph.nodes, impls, release):
             attrs = dict(node.attrs)
             if impl.num_outputs and attrs.get("num_outputs") is None:
                 attrs["num_outputs"] = len(node.outputs)
             self._steps.append(_Step(node, impl, attrs, dead))
-        unproduced = [o.name for o in graph.outputs if o.name not in available]
-        if unproduced:
-            raise BackendError(f"graph outputs {unproduced} are produced by no node, input or initializer")
         self._required = [v.name for v in graph.inputs if v.name not in graph.initializers]
         self._known = {v.name for v in graph.inputs} | set(graph.initializers)
         self._weights = {name: _read_only(value) for name, value in graph.initializers.items()}

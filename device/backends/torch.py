@@ -925,15 +925,8 @@ class TorchExecutable(Executable):
         as_data: set[str] = set()
         folded_from: set[str] = set()
         plan: list[tuple[Node, TorchOp, bool]] = []
-        available = {v.name for v in graph.inputs} | set(graph.initializers)
+        graph.check_wiring()
         for node, entry in zip(graph.nodes, entries):
-            absent = [n for n in node.inputs if n and n not in available]
-            if absent:
-                raise BackendError(
-                    f"node {node.name!r} reads {absent}, which no input, initializer or earlier node "
-                    "provides; the graph must be topologically sorted"
-                )
-            available.update(node.outputs)
             present = [n for n in node.inputs if n]
             hostable = node.op in reference.OPS and node.op not in _DEVICE_ONLY
             if hostable and all(n in host for n in present):
@@ -954,9 +947,6 @@ class TorchExecutable(Executable):
             dev[name] = self._to_device(host[name])
         self._host, self._dev = host, dev
         self._steps = self._schedule(plan, opset)
-        unproduced = [o.name for o in graph.outputs if o.name not in available]
-        if unproduced:
-            raise BackendError(f"graph outputs {unproduced} are produced by no node, input or initializer")
         self._required = [v.name for v in graph.inputs if v.name not in graph.initializers]
         self._known = {v.name for v in graph.inputs} | set(graph.initializers)
         self._folded_from = frozenset(folded_from)
