@@ -56,6 +56,10 @@ class EngineMemory:
 
     weight_copies: float
     fixed_bytes: int
+    #: bytes the engine holds per byte of the activation peak (stn_edge.activations) it is given
+    activation_copies: float = 1.0
+    #: whether the engine's convolutions hold an im2col buffer (counted in the activation peak)
+    conv_workspace: bool = True
 
     @property
     def _ratio(self) -> Fraction:
@@ -64,6 +68,10 @@ class EngineMemory:
     def footprint(self, weight_bytes: int) -> int:
         """Counted bytes for ``weight_bytes`` of weights (what ``mem_limit`` is compared with), rounded up."""
         return math.ceil(weight_bytes * self._ratio)
+
+    def activation_footprint(self, activation_bytes: int) -> int:
+        """Counted bytes for an activation peak of ``activation_bytes``, rounded up."""
+        return math.ceil(activation_bytes * Fraction(self.activation_copies).limit_denominator(1000))
 
     def weights_for(self, budget: int) -> int:
         """The weight bytes a counted ``budget`` allows, rounded down: ``weights_for(footprint(w)) >= w``."""
@@ -76,8 +84,8 @@ class EngineMemory:
 #: and 3.2 covers the peak while a CNN's session is built (~3.1: NCHWc reorders the filters); an
 #: MLP peaks at 2.0. An onnxruntime too old to borrow declares its own cost (EMBEDDED_MEMORY).
 ENGINE_MEMORY: dict[str, EngineMemory] = {
-    "numpy": EngineMemory(weight_copies=1.0, fixed_bytes=2 << 20),
-    "onnxruntime": EngineMemory(weight_copies=3.2, fixed_bytes=16 << 20),
+    "numpy": EngineMemory(weight_copies=1.0, fixed_bytes=2 << 20, activation_copies=1.1),
+    "onnxruntime": EngineMemory(weight_copies=3.2, fixed_bytes=16 << 20, conv_workspace=False),
 }
 #: engines not measured yet are assumed to keep two copies (theirs and the runtime's)
 UNMEASURED_ENGINE = EngineMemory(weight_copies=2.0, fixed_bytes=64 << 20)
@@ -391,29 +399,68 @@ class MemoryWatcher:
 
 def counted_plan(
     plan_weights: Callable[[int], Plan], mem_limit: Any, *, full_bytes: int, engine: EngineMemory,
-    held: int = 0, first: bool = True,
+    held: int = 0, first: bool = True, activations: Callable[[Plan], int] | None = None,
 ) -> Plan:
     """The plan for ``mem_limit`` counted on ``engine``: ``plan_weights`` maps a weight budget to a plan.
 
-    Bytes budgets are counted bytes (weights x the engine's copies); percentages are of the full
-    model's counted size, so ``"50%"`` keeps half the weights on every engine. ``"auto"`` forms are
-    resolved against available memory (``held``: counted bytes the runtime holds now; on the first
-    load the engine's fixed cost is reserved too). A :class:`BudgetError` states the smallest
-    feasible budget in counted bytes.
+    Counted bytes are the weights x the engine's copies plus, when ``activations`` is given (it maps
+    a plan to its activation peak at the runtime's batch size), that peak x the engine's activation
+    copies. Bytes budgets and ``"auto"`` forms hold both: the weights get what the activations leave.
+    Percentages (and None, the full model) are of the full model's weights, so ``"50%"`` keeps half
+    the weights on every engine; the activations come on top and are in ``plan.activation_bytes``.
+    ``"auto"`` is resolved against available memory (``held``: counted bytes the runtime holds now;
+    on the first load the engine's fixed cost is reserved too). A :class:`BudgetError` states the
+    smallest feasible budget in counted bytes.
     """
+    share = mem_limit is None or (isinstance(mem_limit, str) and mem_limit.strip().endswith("%"))
     if is_auto(mem_limit):
         budget = resolve_auto_budget(mem_limit, held=held, reserve=engine.fixed_bytes if first else 0)
     else:
         budget = parse_budget(mem_limit, engine.footprint(full_bytes))
+    if activations is None or share:
+        plan = _weights_plan(plan_weights, budget, budget, engine, activations)
+        if activations is not None:
+            plan.activation_bytes = activations(plan)
+        return plan
+    # the activation peak depends a little on the ranks (a factorized layer's rank-sized values):
+    # reserve the last plan's peak and re-plan until weights + activations fit
+    reserve = 0
+    for _ in range(8):
+        plan = _weights_plan(plan_weights, budget, budget - reserve, engine, activations)
+        if plan.activation_bytes < 0:  # the smallest model, which fits: nothing smaller to try
+            plan.activation_bytes = activations(plan)
+            return plan
+        plan.activation_bytes = activations(plan)
+        over = engine.footprint(plan.total_bytes) + engine.activation_footprint(plan.activation_bytes) - budget
+        if over <= 0:
+            return plan
+        reserve = max(reserve + over, engine.activation_footprint(plan.activation_bytes))
+    raise BudgetError(f"mem_limit {format_bytes(budget)}: the planner found no ranks whose weights and activations "
+                      f"fit together; raise mem_limit or lower batch_size")
+
+
+def _weights_plan(plan_weights: Callable[[int], Plan], budget: int, room: int, engine: EngineMemory,
+                  activations: Callable[[Plan], int] | None) -> Plan:
+    """The plan for the weights ``room`` (counted) allows. When that is below the smallest model,
+    the smallest model if it fits ``budget`` with its activations (marked ``activation_bytes=-1``),
+    else a BudgetError in counted bytes that states the smallest feasible budget."""
     try:
-        return plan_weights(engine.weights_for(budget))
+        return plan_weights(engine.weights_for(max(room, 0)))
     except BudgetError as exc:
         if exc.smallest_feasible is None:
             raise
-        need = engine.footprint(exc.smallest_feasible)
+        reserve = 0
+        if activations is not None:
+            smallest = plan_weights(exc.smallest_feasible)
+            reserve = engine.activation_footprint(activations(smallest))
+            if room < budget and engine.footprint(smallest.total_bytes) + reserve <= budget:
+                smallest.activation_bytes = -1
+                return smallest
+        need = engine.footprint(exc.smallest_feasible) + reserve
+        acts = f" + {format_bytes(reserve)} of activations (a smaller batch_size needs less)" if reserve else ""
         raise BudgetError(
             f"mem_limit {format_bytes(budget)} ({budget} bytes) is below the smallest feasible model on this "
             f"engine, {format_bytes(need)} ({format_bytes(exc.smallest_feasible)} of weights x "
-            f"{engine.weight_copies:g} copies); raise mem_limit to at least {need}",
+            f"{engine.weight_copies:g} copies{acts}); raise mem_limit to at least {need}",
             smallest_feasible=need,
         ) from None

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from stn_edge.device.backends import Backend, get_backend
-from stn_edge.device.memory import engine_memory, release_free_memory
+from stn_edge.device.memory import release_free_memory
 from stn_edge.device.runtime import Runtime
 from stn_edge.errors import BackendError, BudgetError, InputError
 from stn_edge.format import ArtifactReader
@@ -411,6 +411,14 @@ def _layer_graph(node: Node, x: str, values: Mapping[str, np.ndarray], initializ
                  [ValueInfo(y, list(values[y].shape), dtype_name(values[y].dtype))], initializers, opset)
 
 
+def _smallest_runtime(source: Any, backend: str, device: str, batch: int) -> Runtime:
+    """The artifact at its smallest feasible plan on ``backend``, activations counted at ``batch``."""
+    try:
+        return Runtime.load(source, mem_limit=1, backend=backend, device=device, batch_size=batch)
+    except BudgetError as exc:
+        return Runtime.load(source, mem_limit=exc.smallest_feasible, backend=backend, device=device, batch_size=batch)
+
+
 def layer_latency(
     source: Any, *, backend: str = "onnxruntime", device: str = "cpu", batch: int = 1,
     levels: Mapping[str, Iterable[int]] | None = None, spread: int = 4, warmup: int = 2, seconds: float = 0.2,
@@ -429,13 +437,9 @@ def layer_latency(
     """
     engine = get_backend(backend, device)
     # the smallest plan: cheapest for numpy to run, and every activation has the same shape in any plan
-    try:
-        rt = Runtime.load(source, mem_limit=1, backend="numpy")
-    except BudgetError as exc:
-        rt = Runtime.load(source, mem_limit=exc.smallest_feasible, backend="numpy")
+    rt = _smallest_runtime(source, "numpy", "cpu", batch)
     with rt:
         smallest = {c.name: c.level for c in rt.plan.layers}
-        smallest_budget = engine_memory(engine).footprint(rt.plan.total_bytes)  # the same plan on the engine
         feeds = calibration_feeds(rt, batch)
         values = all_values(rt.lowered_graph(), feeds)
         template = graph_from_dict(rt.header["model"])
@@ -473,8 +477,8 @@ def layer_latency(
             ranks[layer["name"]] = {j: int(ladder[j]) for j in wanted}
             if progress:
                 progress(f"timed {layer['name']}: dense and {len(wanted)} levels")
-    ends = {"dense": Runtime.load(source, mem_limit=None, backend=backend, device=device),
-            "smallest": Runtime.load(source, mem_limit=smallest_budget, backend=backend, device=device)}
+    ends = {"dense": Runtime.load(source, mem_limit=None, backend=backend, device=device, batch_size=batch),
+            "smallest": _smallest_runtime(source, backend, device, batch)}
     try:
         fns = {k: (lambda rt=rt: rt.run(feeds)) for k, rt in ends.items()}
         timed = time_side_by_side(fns, batch=batch, warmup=warmup, seconds=10 * seconds)
@@ -785,7 +789,7 @@ def profile_artifact(
         reset_peak_memory()
         t0 = time.perf_counter()
         try:
-            rt = Runtime.load(source, mem_limit=budget, backend=backend, device=device)
+            rt = Runtime.load(source, mem_limit=budget, backend=backend, device=device, batch_size=max(batches))
         except BudgetError as exc:
             rows.append({"budget": str(budget), "error_message": str(exc)})
             continue

@@ -14,6 +14,7 @@ from typing import Any, BinaryIO, Mapping
 
 import numpy as np
 
+from stn_edge.activations import activation_bytes as peak_activations
 from stn_edge.device.backends import Backend, Executable, available_backends, get_backend
 from stn_edge.device.memory import counted_plan, engine_memory, release_free_memory
 from stn_edge.device.remote import HttpSource, is_url
@@ -67,6 +68,9 @@ class Runtime:
         self._latency: tuple[Any, float] | None = None  # (LayerLatency, limit in ms)
         self.plan: Plan | None = None
         self._planner = plan_ranks
+        self.batch_size = 1
+        self._value_shapes = header.get("value_shapes")
+        self._activation_cache: dict[tuple, int] = {}
 
     # ------------------------------------------------------------------ construction
 
@@ -82,6 +86,7 @@ class Runtime:
         planner: str = "greedy",
         latency_limit_ms: float | None = None,
         profile: Any = None,
+        batch_size: int = 1,
     ) -> "Runtime":
         """Open ``source`` and prepare it to run within ``mem_limit``.
 
@@ -92,7 +97,9 @@ class Runtime:
         mem_limit : memory the model may use: an int, ``"12MB"``, ``"3MiB"``, ``"35%"`` of the full
             model, ``"auto"`` / ``"auto-256MB"`` (available memory minus a headroom), or None for
             the full model. It counts the weights at the chosen ranks times the copies this engine
-            keeps (``docs/RELIABILITY.md``). A budget below the smallest feasible model raises
+            keeps plus the activation buffers of one inference at ``batch_size``
+            (``docs/RELIABILITY.md``, "What mem_limit counts"); percentages are of the weights, with
+            the activations on top. A budget below the smallest feasible model raises
             :class:`~stn_edge.errors.BudgetError` stating that smallest budget.
         backend : ``"numpy"``, ``"onnxruntime"``, ... or ``"auto"`` (fastest installed engine).
         device : ``"cpu"`` or ``"cuda"`` where the backend supports it.
@@ -105,7 +112,12 @@ class Runtime:
         profile : the per-layer latency table of this backend and device (a file written by
             ``stn-edge profile --per-layer``, its dict, or a ``LayerLatency``); needed with
             ``latency_limit_ms``.
+        batch_size : the largest batch one engine call runs. Activations are counted at this size,
+            and :meth:`run` splits a larger batch into chunks of ``batch_size`` (results are
+            concatenated), so memory stays within ``mem_limit`` whatever batch is passed.
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
         if planner not in PLANNERS:
             raise BudgetError(f"unknown planner {planner!r}; available: {', '.join(PLANNERS)}")
         if is_url(source):
@@ -115,6 +127,7 @@ class Runtime:
             engine, reason = _choose_backend(backend, device)
             rt = cls(reader, engine, device, reason)
             rt._planner = PLANNERS[planner]
+            rt.batch_size = batch_size
             if latency_limit_ms is not None:
                 from stn_edge.device.profile import LayerLatency  # imports this module
 
@@ -158,18 +171,55 @@ class Runtime:
         plan = counted_plan(
             lambda weights: self._planner(self._specs, self._fixed_bytes, weights, self.full_bytes), mem_limit,
             full_bytes=self.full_bytes, engine=engine_memory(self._backend), held=self.footprint(),
-            first=self.plan is None,
+            first=self.plan is None, activations=self.activation_bytes,
         )
-        if self._latency is None:
-            return plan
-        from stn_edge.device.profile import plan_within_latency
+        if self._latency is not None:
+            from stn_edge.device.profile import plan_within_latency
 
-        return plan_within_latency(plan, self._specs, *self._latency)
+            plan = plan_within_latency(plan, self._specs, *self._latency)
+            plan.activation_bytes = self.activation_bytes(plan)
+        plan.batch_size = self.batch_size
+        return plan
 
     def footprint(self, plan: Plan | None = None) -> int:
-        """Bytes ``plan`` (default: the current one) counts against ``mem_limit`` on this engine."""
+        """Bytes ``plan`` (default: the current one) counts against ``mem_limit`` on this engine:
+        its weights x the engine's copies + its activation peak at ``batch_size``."""
         plan = plan or self.plan
-        return 0 if plan is None else engine_memory(self._backend).footprint(plan.total_bytes)
+        if plan is None:
+            return 0
+        engine = engine_memory(self._backend)
+        return engine.footprint(plan.total_bytes) + engine.activation_footprint(plan.activation_bytes)
+
+    def activation_bytes(self, plan: Plan | None = None) -> int:
+        """Peak bytes of the values one inference of ``plan`` (default: the current one) holds at
+        ``batch_size``; 0 for artifacts baked without value shapes (before format 1.1)."""
+        plan = plan or self.plan
+        if plan is None or not self._value_shapes:
+            return 0
+        key = (self.batch_size, tuple(c.level for c in plan.layers))
+        if key not in self._activation_cache:
+            graph = lower(Graph(self._template.nodes, self._template.inputs, self._template.outputs,
+                                self._shape_only_tensors(), self._template.opset),
+                          self.layers, {l["name"]: self._shape_only(l, plan.choice(l["name"])) for l in self.layers})
+            workspace = engine_memory(self._backend).conv_workspace
+            self._activation_cache[key] = peak_activations(graph, self._value_shapes, self.batch_size, workspace).peak
+        return self._activation_cache[key]
+
+    def _shape_only_tensors(self) -> dict[str, np.ndarray]:
+        """The dense tensors as arrays of the right shape that hold no memory (for shape walks)."""
+        return {k: _placeholder(r["shape"], r["dtype"]) for k, r in self.header["tensors"].items()}
+
+    def _shape_only(self, layer: dict[str, Any], choice: Any) -> Any:
+        """What :meth:`_hold` would hold for ``choice``, as memory-free placeholders."""
+        if choice.dense:
+            return _placeholder(layer["dense"]["shape"], layer["dense"]["dtype"])
+        rows = {k: _placeholder([ref["row_ends"][choice.level]] + list(ref["shape"][1:]), ref["dtype"])
+                for k, ref in layer["factors"].items()}
+        out = assemble(layer, choice.level, rows)
+        if "corrections" in layer:
+            ref = layer["corrections"]
+            out[CORRECTION] = _placeholder(ref["shape"][1:], ref["dtype"])
+        return out
 
     def rescale(self, mem_limit: int | float | str | None) -> Plan:
         """Move to the plan for ``mem_limit`` without reopening the artifact.
@@ -273,10 +323,37 @@ class Runtime:
 
         ``inputs`` is a mapping of input name to array, or (for convenience) one array per model
         input in declaration order. Shapes and dtypes are checked against the artifact.
+
+        A batch larger than ``batch_size`` (the one the memory plan counts) runs in chunks of
+        ``batch_size`` along axis 0, on one plan, and the outputs are concatenated.
         """
         feeds = self._feeds(inputs)
         exe = self._exe  # one read: a concurrent rescale swaps the whole executable
-        return exe.run(feeds)
+        n = self._batch_of(feeds)
+        if n <= self.batch_size:
+            return exe.run(feeds)
+        batched = {s.name for s in self._template.inputs if _batch_axis(s.shape)}
+        parts = [exe.run({k: v[i : i + self.batch_size] if k in batched else v for k, v in feeds.items()})
+                 for i in range(0, n, self.batch_size)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _batch_of(self, feeds: dict[str, np.ndarray]) -> int:
+        """The batch of ``feeds``: the common axis-0 size of the inputs declared with a symbolic
+        first axis (0 when none is). Raises InputError when they disagree, or when the batch
+        exceeds ``batch_size`` and some output has no batch axis to concatenate along."""
+        sizes = {s.name: feeds[s.name].shape[0] for s in self._template.inputs if _batch_axis(s.shape)}
+        if not sizes:
+            return 0
+        if len(set(sizes.values())) > 1:
+            raise InputError(f"inputs disagree on the batch size (axis 0): {sizes}")
+        n = next(iter(sizes.values()))
+        fixed = [o.name for o in self._template.outputs if not _batch_axis(o.shape)]
+        if n > self.batch_size and fixed:
+            raise InputError(
+                f"a batch of {n} exceeds batch_size={self.batch_size}, and output(s) {fixed} have no batch axis to "
+                f"join chunks along; load with batch_size={n} (its activations are counted in mem_limit)"
+            )
+        return n
 
     __call__ = run
 
@@ -338,6 +415,16 @@ class Runtime:
     def __repr__(self) -> str:
         plan = self.plan.summary() if self.plan else "no plan"
         return f"Runtime({self._reader.name!r}, backend={self.backend!r}, device={self.device!r}: {plan})"
+
+
+def _batch_axis(shape: list[int | str]) -> bool:
+    """True when axis 0 of a declared shape is symbolic (a batch axis)."""
+    return bool(shape) and isinstance(shape[0], str)
+
+
+def _placeholder(shape: list[int], dtype: str) -> np.ndarray:
+    """A read-only array of ``shape`` whose elements all share one byte of storage (value 1)."""
+    return np.broadcast_to(np.ones((), dtype=DTYPES[dtype]), tuple(int(d) for d in shape))
 
 
 def _assembled(layer: dict[str, Any], level: int, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

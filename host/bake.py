@@ -11,7 +11,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from stn_edge import __version__
-from stn_edge.errors import CaptureError
+from stn_edge.activations import record_value_shapes
+from stn_edge.errors import CaptureError, STNError
 from stn_edge.format import ArtifactBuilder
 from stn_edge.graph import Graph, graph_to_dict
 from stn_edge.host.correction import corrected_weight, layer_inputs, level_corrections, level_corrections_dense
@@ -181,7 +182,13 @@ def bake(
     else:
         raise ValueError(f"importance must be 'data' or 'spectral', not {importance!r}")
     reference = _reference_outputs(model, graph, feeds)
-    header, builder = _assemble(graph, decomposed, losses, skipped, feeds, reference)
+    say("recording activation shapes at batch 1 and 2")
+    try:
+        value_shapes = record_value_shapes(graph, feeds)
+    except STNError as exc:  # an op the numpy reference cannot run: the artifact works, uncounted
+        value_shapes = None
+        say(f"activation shapes not recorded ({exc}); mem_limit will count weights only")
+    header, builder = _assemble(graph, decomposed, losses, skipped, feeds, reference, value_shapes)
     say(f"writing {path}")
     size = builder.write(path, header)
     report = BakeReport(
@@ -294,7 +301,8 @@ def _reference_outputs(model: Any, graph: Graph, feeds: dict[str, np.ndarray]) -
     return get_backend("numpy").prepare(graph).run(stored)
 
 
-def _assemble(graph, decomposed, losses, skipped, feeds, reference) -> tuple[dict[str, Any], ArtifactBuilder]:
+def _assemble(graph, decomposed, losses, skipped, feeds, reference,
+              value_shapes=None) -> tuple[dict[str, Any], ArtifactBuilder]:
     builder = ArtifactBuilder()
     layer_weights = {d["meta"]["weight"] for d in decomposed}
     tensors = {k: builder.add_array(v) for k, v in graph.initializers.items() if k not in layer_weights}
@@ -326,4 +334,6 @@ def _assemble(graph, decomposed, losses, skipped, feeds, reference) -> tuple[dic
         },
         "full_bytes": int(sum(v.nbytes for v in graph.initializers.values())),
     }
+    if value_shapes:
+        header["value_shapes"] = value_shapes  # activation memory at any batch size (stn_edge.activations)
     return header, builder

@@ -80,7 +80,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _runtime(args: argparse.Namespace):
     from stn_edge.device import Runtime
 
-    return Runtime.load(args.artifact, mem_limit=args.mem_limit, backend=args.backend, device=args.device)
+    return Runtime.load(args.artifact, mem_limit=args.mem_limit, backend=args.backend, device=args.device,
+                        batch_size=getattr(args, "batch_size", 1))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -90,17 +91,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     with ArtifactReader(args.artifact) as reader:
         if args.backend is None:
             plan = plan_artifact(reader, args.mem_limit)
-        else:  # count the engine's copies of the weights, as Runtime.load on that backend does
+        else:  # count the engine's copies and the activations, as Runtime.load on that backend does
             from stn_edge.device.backends import get_backend
-            from stn_edge.device.memory import counted_plan, engine_memory
-            from stn_edge.plan import ladder_specs, plan_ranks
+            from stn_edge.device.runtime import Runtime
 
-            specs, fixed = ladder_specs(reader)
-            full = int(reader.header["full_bytes"])
-            plan = counted_plan(lambda weights: plan_ranks(specs, fixed, weights, full), args.mem_limit,
-                                full_bytes=full, engine=engine_memory(get_backend(args.backend)))
+            rt = Runtime(reader, get_backend(args.backend), "cpu", f"requested {args.backend!r}")
+            rt.batch_size = _positive(args.batch_size, "--batch-size")
+            plan = rt.plan_for(args.mem_limit)  # nothing is read but the header
     _emit(args, plan.to_dict(), plan.table())
     return 0
+
+
+def _positive(value: int, flag: str) -> int:
+    if value < 1:
+        raise InputError(f"{flag} must be at least 1, not {value}")
+    return value
 
 
 def _load_inputs(specs: Sequence[str], names: list[str]) -> dict[str, np.ndarray]:
@@ -287,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--backend", default="auto", help="numpy, onnxruntime, ... or auto (default)")
             sp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 
+    def batch_size(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--batch-size", type=int, default=1,
+                        help="largest batch one engine call runs (larger ones run in chunks); its activations "
+                             "count in --mem-limit (default 1)")
+
     sp = sub.add_parser("bake", help="capture, decompose and write a .stn artifact")
     sp.add_argument("model", help="package.module:factory (a callable returning a torch module) or model.onnx")
     sp.add_argument("--weights", help="state-dict file for the torch model")
@@ -306,19 +316,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("plan", help="show the ranks a budget gets, without loading weights")
     sp.add_argument("artifact")
     sp.add_argument("--backend", default=None,
-                    help="count this engine's copies of the weights, as loading on it would (default: weights only)")
+                    help="count this engine's copies of the weights and its activations, as loading on it would "
+                         "(default: weights only)")
     sp.add_argument("--mem-limit", default=None, help="budget: bytes, 12MB, 3MiB or 35%% (default: full model)")
+    sp.add_argument("--batch-size", type=int, default=1, help="with --backend: the batch whose activations count (default 1)")
     common(sp)
     sp.set_defaults(func=cmd_plan)
 
     sp = sub.add_parser("run", help="run the model on .npy inputs (or its calibration inputs)")
     common(sp, runtime=True)
+    batch_size(sp)
     sp.add_argument("--input", action="append", help="name=file.npy or file.npy (in input order)")
     sp.add_argument("--output", help="write the outputs to this .npz")
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("verify", help="run the calibration set and report the error against the reference")
     common(sp, runtime=True)
+    batch_size(sp)
     sp.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted relative error (default 1e-4)")
     sp.set_defaults(func=cmd_verify)
 

@@ -32,7 +32,9 @@ from stn_edge.graph import DTYPES
 
 MAGIC = b"\x89STN\r\n\x1a\n"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
+#: header keys each minor version added; the writer stamps the lowest minor that describes a header
+MINOR_KEYS = {1: ("value_shapes",)}
 PREAMBLE = struct.Struct("<8sHHI32s")
 ALIGN = 64
 #: the largest header a reader accepts; real headers are kilobytes to a few megabytes
@@ -119,7 +121,8 @@ class ArtifactBuilder:
         header = dict(header)
         header["data_size"] = self._size
         packed = msgpack.packb(header, use_bin_type=True)
-        pre = PREAMBLE.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, len(packed), hashlib.sha256(packed).digest())
+        minor = max([m for m, keys in MINOR_KEYS.items() if any(k in header for k in keys)], default=0)
+        pre = PREAMBLE.pack(MAGIC, FORMAT_MAJOR, minor, len(packed), hashlib.sha256(packed).digest())
         head = pre + packed
         head += b"\0" * (_align(len(head)) - len(head))
         return head + b"".join(self._chunks)
@@ -499,7 +502,27 @@ def _validate_header(header: Any, data_avail: int, name: str) -> None:
                     v.fail(f"calibration.{key} holds {_short(tname)}, which is not a model {key[:-1]}")
                 v.array(ref, f"calibration.{key}[{_short(tname)}]")
     v.int(header.get("full_bytes"), "full_bytes")
+    if header.get("value_shapes") is not None:
+        _validate_value_shapes(v, header["value_shapes"])
     v.check_overlaps()
+
+
+#: largest element count a recorded activation may declare (2**40 float32 = 4 TiB: beyond any device)
+_MAX_VALUE_ELEMENTS = 1 << 40
+
+
+def _validate_value_shapes(v: "_Validator", shapes: Any) -> None:
+    """``value_shapes``: ``{value: [shape at batch 1, shape at batch 2, dtype]}`` (1.1, optional)."""
+    for vname, rec in v.names(shapes, "value_shapes").items():
+        where = f"value_shapes[{_short(vname)}]"
+        rec = v.list(rec, where)
+        if len(rec) != 3:
+            v.fail(f"{where} must be [shape at batch 1, shape at batch 2, dtype], not {len(rec)} items")
+        for k in (0, 1):
+            dims = [v.int(d, f"{where}[{k}]") for d in v.list(rec[k], f"{where}[{k}]")]
+            if len(dims) > 32 or math.prod(dims) > _MAX_VALUE_ELEMENTS:
+                v.fail(f"{where}[{k}] declares shape {_short(dims)}: more than 32 axes or {_MAX_VALUE_ELEMENTS} elements")
+        v.dtype(rec[2], f"{where}[2]")
 
 
 def _validate_model(v: "_Validator", model: dict) -> None:

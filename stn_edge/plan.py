@@ -106,6 +106,11 @@ class Plan:
     full_bytes: int
     fixed_bytes: int
     layers: list[LayerChoice] = field(default_factory=list)
+    #: peak bytes of one inference's intermediate values at ``batch_size`` (0: not counted), set by
+    #: the runtime (:func:`stn_edge.activations.activation_bytes`)
+    activation_bytes: int = 0
+    batch_size: int = 1
+    _by_name: dict[str, LayerChoice] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def total_bytes(self) -> int:
@@ -117,10 +122,10 @@ class Plan:
         return sum(c.loss for c in self.layers)
 
     def choice(self, name: str) -> LayerChoice:
-        for c in self.layers:
-            if c.name == name:
-                return c
-        raise KeyError(name)
+        """The choice for layer ``name`` (KeyError when the plan has no such layer)."""
+        if len(self._by_name) != len(self.layers):
+            self._by_name = {c.name: c for c in self.layers}
+        return self._by_name[name]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,6 +134,8 @@ class Plan:
             "total_bytes": self.total_bytes,
             "fixed_bytes": self.fixed_bytes,
             "predicted_loss": self.loss,
+            "activation_bytes": self.activation_bytes,
+            "batch_size": self.batch_size,
             "layers": [
                 {"name": c.name, "family": "dense" if c.dense else c.family, "rank": c.rank, "max_rank": c.max_rank,
                  "bytes": c.bytes, "loss": c.loss}
@@ -151,7 +158,9 @@ class Plan:
             rows.append((c.name, "dense" if c.dense else c.family, f"{c.rank}/{c.max_rank}", format_bytes(c.bytes), f"{c.loss:.3g}"))
         rows.append(("(not factorized)", "dense", "", format_bytes(self.fixed_bytes), ""))
         rows.append(("total", "", "", format_bytes(self.total_bytes), f"{self.loss:.3g}"))
-        return format_table(rows) + f"\nbudget {format_bytes(self.budget)}; {self.summary()}"
+        acts = (f"; activations {format_bytes(self.activation_bytes)} at batch {self.batch_size}"
+                if self.activation_bytes else "")
+        return format_table(rows) + f"\nweight budget {format_bytes(self.budget)}; {self.summary()}{acts}"
 
 
 def format_bytes(n: int) -> str:

@@ -342,7 +342,7 @@ def test_threads_get_sequential_results_during_rescales(mlp_path, backend):
         get_backend(backend)
     except BackendUnavailable as exc:
         pytest.skip(str(exc))
-    rt = Runtime.load(mlp_path, mem_limit="30%", backend=backend)
+    rt = Runtime.load(mlp_path, mem_limit="30%", backend=backend, batch_size=4)  # x runs whole
     x = _inputs(rt)
     out = rt.output_names[0]
     # every executable the runtime ever swaps in, with its sequential result on x
@@ -453,7 +453,37 @@ def test_memory_growth_stays_within_mem_limit(demo_path, backend):
     for budget in ("100%", "50%", "25%", "10%"):
         r = probe(demo_path, backend, budget)
         assert r["growth_after_first_run"] <= r["limit_bytes"] + r["constant_bytes"], r
+        assert r["peak_growth"] is None or r["peak_growth"] <= r["limit_bytes"] + r["constant_bytes"], r
         assert r["counted_bytes"] <= r["limit_bytes"], r
+
+
+@pytest.fixture(scope="module")
+def conv_path(tmp_path_factory) -> Path:
+    """Three 3x3 Conv(64) at 32x32: at batch 16 its activations (~50 MiB with numpy's im2col) dwarf
+    its 0.3 MiB of weights."""
+    return _tool("measure_memory").bake_cnn(tmp_path_factory.mktemp("mem") / "cnn.stn")
+
+
+@pytest.mark.parametrize("backend", sorted(ENGINE_MEMORY))
+def test_memory_peak_at_batch_16_stays_within_mem_limit(conv_path, backend):
+    """Activations at the load's batch size are inside mem_limit: the peak while a batch of 16 runs
+    stays within the limit + the engine's constant, for percentages and for bytes."""
+    try:
+        get_backend(backend)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    probe = _tool("measure_memory").probe_in_subprocess
+    full = probe(conv_path, backend, "100%", batch=16)
+    assert full["activation_bytes"] > 10 * full["weight_bytes"], full
+    # bytes: room for the activations and a third of the weights' counted size
+    copies = ENGINE_MEMORY[backend].weight_copies
+    squeezed = str(full["counted_bytes"] - int(full["weight_bytes"] * copies * 2 / 3))
+    for budget in ("100%", "25%", squeezed):
+        r = full if budget == "100%" else probe(conv_path, backend, budget, batch=16)
+        assert r["counted_bytes"] <= r["limit_bytes"], r
+        assert r["peak_growth"] is None or r["peak_growth"] <= r["limit_bytes"] + r["constant_bytes"], r
+        assert r["growth_after_first_run"] <= r["limit_bytes"] + r["constant_bytes"], r
+    assert r["weight_bytes"] < full["weight_bytes"] / 2  # the byte budget really truncated
 
 
 def test_counted_budgets_round_trip():

@@ -49,13 +49,14 @@ def probe(artifact: str, backend: str, mem_limit: str, batch: int = 1) -> dict:
     from stn_edge.device.backends import get_backend
     from stn_edge.device.memory import engine_memory, release_free_memory
     from stn_edge.graph import DTYPES
+    from stn_edge.plan import parse_budget
 
     get_backend(backend)  # the engine's library code is loaded before measuring
     gc.collect()
     release_free_memory()  # the runtime trims after loading: trim before the baseline too
     peak_ok = _reset_peak()
     before = _status()
-    rt = Runtime.load(artifact, mem_limit=mem_limit, backend=backend)
+    rt = Runtime.load(artifact, mem_limit=mem_limit, backend=backend, batch_size=batch)
     loaded = _status()
     feeds = {
         spec.name: np.zeros([batch if isinstance(d, str) else d for d in spec.shape], DTYPES[spec.dtype])
@@ -64,13 +65,17 @@ def probe(artifact: str, backend: str, mem_limit: str, batch: int = 1) -> dict:
     rt.run(feeds)
     after = _status()
     engine = engine_memory(get_backend(backend))
+    # a bytes budget is the limit; a percentage is of the weights, with the activations on top
+    limit = (engine.footprint(rt.plan.budget) + engine.activation_footprint(rt.plan.activation_bytes)
+             if mem_limit.strip().endswith("%") else parse_budget(mem_limit, 0))
     return {
         "backend": backend,
         "mem_limit": mem_limit,
         "batch": batch,
-        "limit_bytes": engine.footprint(rt.plan.budget),
+        "limit_bytes": limit,
         "counted_bytes": rt.footprint(),
         "weight_bytes": rt.plan.total_bytes,
+        "activation_bytes": rt.plan.activation_bytes,
         "growth_after_load": loaded["VmRSS"] - before["VmRSS"],
         "growth_after_first_run": after["VmRSS"] - before["VmRSS"],
         "peak_growth": after["VmHWM"] - before["VmRSS"] if peak_ok else None,
@@ -104,6 +109,24 @@ def bake_demo(path: str | os.PathLike, correct: bool = True) -> Path:
     model = torch.nn.Sequential(*layers, torch.nn.Linear(1024, 16))
     bake(model, torch.randn(2, 1024), path, calibration=torch.randn(16, 1024), importance="spectral", progress=False,
          correct=correct)
+    return Path(path)
+
+
+def bake_cnn(path: str | os.PathLike) -> Path:
+    """A model whose activations outweigh its weights: three 3x3 Conv(64) at 32x32, pooled, Linear(64, 10)
+    (~0.3 MiB of weights; ~4 MiB per activation and ~36 MiB of im2col workspace at batch 16)."""
+    import torch
+
+    from stn_edge.host import bake
+
+    torch.manual_seed(0)
+    c = 64
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, c, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(c, 10))
+    bake(model, torch.randn(2, 3, 32, 32), path, calibration=torch.randn(8, 3, 32, 32), importance="spectral",
+         progress=False, correct=False)
     return Path(path)
 
 

@@ -1327,8 +1327,11 @@ class NumpyExecutable(Executable):
         self._known = {v.name for v in graph.inputs} | set(graph.initializers)
         self._weights = {name: _read_only(value) for name, value in graph.initializers.items()}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray],
+            observe: Callable[[str, np.ndarray], None] | None = None) -> dict[str, np.ndarray]:
         """Run the graph on ``feeds``; names of initializers may be fed to override them.
+
+        ``observe(name, value)`` is called for every value a node writes (shape recording at bake).
 
         Returns every graph output by name. Raises :class:`InputError` for missing or unknown feeds
         and :class:`BackendError` naming the node when an op fails on the values it was given.
@@ -1345,11 +1348,12 @@ class NumpyExecutable(Executable):
         env: dict[str, np.ndarray] = dict(self._weights)
         env.update((name, _read_only(np.asarray(value))) for name, value in feeds.items())
         for step in self._steps:
-            self._run_step(step, env)
+            self._run_step(step, env, observe)
         return {o.name: _owned(env[o.name]) for o in self.graph.outputs}
 
     @staticmethod
-    def _run_step(step: _Step, env: dict[str, np.ndarray]) -> None:
+    def _run_step(step: _Step, env: dict[str, np.ndarray],
+                  observe: Callable[[str, np.ndarray], None] | None = None) -> None:
         args = [env[name] if name else None for name in step.node.inputs]
         try:
             results = step.impl.run(*args, **step.attrs)
@@ -1363,6 +1367,8 @@ class NumpyExecutable(Executable):
             if name:
                 # ufuncs on 0-d arrays return numpy scalars; keep every value an ndarray
                 env[name] = np.asarray(value)
+                if observe is not None:
+                    observe(name, env[name])
         # drop intermediates whose last reader has run: peak memory ~ the live set, not the graph
         for name in step.release:
             env.pop(name, None)

@@ -1,0 +1,295 @@
+"""Activation memory: the buffers a graph needs while it runs, at a given batch size.
+
+A loaded model costs its weights (what the planner trades) and the intermediate values of one
+inference. The second part does not depend on the ranks much, but it grows with the batch: a
+ResNet-18 at batch 32 holds more in activations than in weights at 25%. So ``mem_limit`` counts both
+(``docs/RELIABILITY.md``, "What mem_limit counts").
+
+How it is known without running the model on the device:
+
+- **At bake** (:func:`record_value_shapes`), the captured graph runs once on the numpy reference
+  backend at batch 1 and at batch 2 and the shape of every value is stored in the artifact header
+  (``value_shapes``: ``{name: [shape at 1, shape at 2, dtype]}``). Two batch sizes tell which
+  dimensions grow with the batch, whatever reshapes the model does (``(N * heads, L, d)`` included).
+- **At load** (:func:`activation_bytes`), the values a lowering adds (the rank-sized tensors between
+  a factorized layer's ops) get their shapes from the few ops lowerings emit (:data:`SHAPE_RULES`),
+  and a liveness walk over the lowered graph in execution order finds the peak: every value is
+  held from the node that writes it to its last reader, views (Reshape, Flatten, Squeeze, ...) share
+  their input's buffer, and a convolution's im2col workspace is held while it runs.
+
+Bytes at batch ``n`` are linear in ``n`` for every value: ``b(1) + (b(2) - b(1)) * (n - 1)``.
+Dimensions other than the batch (a transformer's sequence length) are those of the calibration data.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from stn_edge.graph import DTYPES, Graph, Node, dtype_name
+
+#: ops whose output is a view of their first input in the engines we run on (no new buffer)
+VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+
+Shape = tuple[int, ...]
+
+
+# --------------------------------------------------------------------------- bake: record
+
+
+def record_value_shapes(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
+    """Shapes of every non-constant value of ``graph`` at batch 1 and batch 2 (axis 0 of ``feeds``).
+
+    Runs the numpy reference backend twice on the first one and two samples (one sample is
+    repeated when ``feeds`` holds only one). Inputs whose batch axis is fixed in the graph are run
+    at that size both times: nothing grows with the batch then. Returns the header's
+    ``value_shapes`` dict.
+    """
+    from stn_edge.device.backends.numpy import NumpyExecutable
+
+    def batch(n: int) -> dict[str, np.ndarray]:
+        out = {}
+        for v in graph.inputs:
+            x = np.asarray(feeds[v.name])
+            if v.shape and isinstance(v.shape[0], int) or x.ndim == 0:
+                out[v.name] = x
+                continue
+            reps = -(-n // x.shape[0])
+            out[v.name] = np.concatenate([x] * reps)[:n] if reps > 1 else x[:n]
+        return out
+
+    exe = NumpyExecutable(graph)
+    seen: list[dict[str, tuple[Shape, str]]] = []
+    for n in (1, 2):
+        shapes: dict[str, tuple[Shape, str]] = {}
+
+        def observe(name: str, value: np.ndarray) -> None:
+            shapes[name] = (tuple(int(d) for d in value.shape), dtype_name(value.dtype))
+
+        feeds_n = batch(n)
+        for name, x in feeds_n.items():
+            observe(name, x)
+        exe.run(feeds_n, observe=observe)
+        seen.append(shapes)
+    return {name: [list(s1), list(seen[1].get(name, (s1, dt))[0]), dt] for name, (s1, dt) in seen[0].items()}
+
+
+# --------------------------------------------------------------------------- device: shapes of lowered values
+
+
+def _broadcast(*shapes: Shape) -> Shape:
+    return tuple(np.broadcast_shapes(*shapes))
+
+
+def _conv_shape(x: Shape, w: Shape, attrs: dict[str, Any]) -> Shape:
+    nd = len(x) - 2
+    k = [int(d) for d in w[2:]]
+    strides = list(attrs.get("strides") or [1] * nd)
+    dil = list(attrs.get("dilations") or [1] * nd)
+    pads = list(attrs.get("pads") or [0] * (2 * nd))
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    out = []
+    for i in range(nd):
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out.append(-(-x[2 + i] // strides[i]))
+        else:
+            span = dil[i] * (k[i] - 1) + 1
+            pad = 0 if auto_pad == "VALID" else pads[i] + pads[nd + i]
+            out.append((x[2 + i] + pad - span) // strides[i] + 1)
+    return (x[0], w[0], *out)
+
+
+def _matmul_shape(a: Shape, b: Shape) -> Shape:
+    if len(b) == 1:
+        return a[:-1]
+    if len(a) == 1:
+        return b[:-2] + b[-1:]
+    return _broadcast(a[:-2], b[:-2]) + (a[-2], b[-1])
+
+
+def _gemm_shape(a: Shape, b: Shape, attrs: dict[str, Any]) -> Shape:
+    rows = a[1] if attrs.get("transA") else a[0]
+    cols = b[0] if attrs.get("transB") else b[1]
+    return (rows, cols)
+
+
+def _reshape_shape(x: Shape, target: np.ndarray, attrs: dict[str, Any]) -> Shape:
+    dims = [int(d) for d in np.asarray(target).ravel()]
+    if not attrs.get("allowzero"):
+        dims = [x[i] if d == 0 and i < len(x) else d for i, d in enumerate(dims)]
+    if -1 in dims:
+        known = math.prod(d for d in dims if d != -1)
+        dims[dims.index(-1)] = math.prod(x) // known if known else 0
+    return tuple(dims)
+
+
+def _gather_shape(data: Shape, idx: Shape, attrs: dict[str, Any]) -> Shape:
+    axis = int(attrs.get("axis", 0)) % len(data)
+    return data[:axis] + idx + data[axis + 1:]
+
+
+#: op -> rule(input shapes, node attrs, constant inputs) -> output shape, for the ops lowerings emit
+SHAPE_RULES: dict[str, Callable[[list[Shape], dict[str, Any], list[Any]], Shape]] = {
+    "Conv": lambda s, a, c: _conv_shape(s[0], s[1], a),
+    "MatMul": lambda s, a, c: _matmul_shape(s[0], s[1]),
+    "Gemm": lambda s, a, c: _gemm_shape(s[0], s[1], a),
+    "Gather": lambda s, a, c: _gather_shape(s[0], s[1], a),
+    "Add": lambda s, a, c: _broadcast(*s),
+    "Mul": lambda s, a, c: _broadcast(*s),
+    "Transpose": lambda s, a, c: tuple(s[0][p] for p in (a.get("perm") or range(len(s[0]) - 1, -1, -1))),
+    "Reshape": lambda s, a, c: _reshape_shape(s[0], c[1], a),
+    "Identity": lambda s, a, c: s[0],
+}
+
+
+# --------------------------------------------------------------------------- device: liveness
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    """Peak activation bytes of one inference at ``batch``, and the node where the peak is reached.
+
+    ``recorded`` is False when the artifact holds no value shapes (baked before they were
+    recorded): then ``peak`` is 0 and nothing is counted.
+    """
+
+    batch: int
+    peak: int
+    at_node: str
+    recorded: bool = True
+
+
+def conv_workspace(node: Node, shapes: list[Shape], out: Shape, itemsize: int) -> int:
+    """Bytes a convolution holds besides its input and output: the im2col matrix (and the padded
+    input), as the numpy backend and onnxruntime's generic kernel build it. 1x1 stride-1 unpadded
+    and depthwise convolutions need none beyond one output-sized temporary (depthwise)."""
+    x, w = shapes[0], shapes[1]
+    k = math.prod(w[2:])
+    pads = node.attrs.get("pads") or []
+    strides = node.attrs.get("strides") or []
+    group = int(node.attrs.get("group", 1))
+    if group > 1 and w[1] == 1:
+        return math.prod(out) * itemsize
+    pad_copy = math.prod(x) * itemsize if any(pads) else 0
+    if k == 1 and not any(s != 1 for s in strides):
+        return pad_copy
+    return pad_copy + x[0] * x[1] * k * math.prod(out[2:]) * itemsize
+
+
+def activation_bytes(graph: Graph, value_shapes: Mapping[str, list[Any]] | None, batch: int = 1,
+                     workspace: bool = True) -> ActivationEstimate:
+    """Peak bytes of the values one inference of ``graph`` holds at ``batch`` (see the module doc).
+
+    ``graph`` is the lowered graph a backend runs; ``value_shapes`` is the artifact's record. The
+    graph's inputs count (an engine holds them while it runs) and so do its outputs. ``workspace``
+    adds each convolution's im2col buffer (:func:`conv_workspace`) while it runs: engines that
+    convolve by im2col (numpy) need it, blocked direct kernels (onnxruntime's NCHWc) do not.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, not {batch!r}")
+    if not value_shapes:
+        return ActivationEstimate(batch, 0, "", recorded=False)
+    const = graph.initializers
+    known: dict[str, tuple[Shape, Shape, int]] = {}  # name -> (shape at 1, shape at 2, itemsize)
+    for name, rec in value_shapes.items():
+        known[name] = (tuple(rec[0]), tuple(rec[1]), DTYPES[rec[2]].itemsize if rec[2] in DTYPES else 4)
+
+    def nbytes(name: str) -> int:
+        s1, s2, item = known[name]
+        b1, b2 = math.prod(s1) * item, math.prod(s2) * item
+        return b1 + (b2 - b1) * (batch - 1)
+
+    def shape_at(name: str, which: int) -> Shape:
+        if name in const:
+            return tuple(const[name].shape)
+        return known[name][which] if name in known else ()
+
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(graph.nodes):
+        for name in node.inputs:
+            if name and name not in const:
+                last_use[name] = i
+    keep = {v.name for v in graph.outputs}
+    buffer_of: dict[str, str] = {}  # value -> the value that owns its buffer
+    owners: dict[str, set[str]] = {}  # buffer -> values still alive that use it
+    sizes: dict[str, int] = {}
+    live = 0
+
+    def alloc(name: str, owner: str | None = None) -> int:
+        nonlocal live
+        if owner is not None:
+            buffer_of[name] = owner
+            owners[owner].add(name)
+            return 0
+        buffer_of[name] = name
+        owners[name] = {name}
+        sizes[name] = nbytes(name) if name in known else 0
+        live += sizes[name]
+        return sizes[name]
+
+    def release(name: str) -> None:
+        nonlocal live
+        owner = buffer_of.pop(name, None)
+        if owner is None:
+            return
+        owners[owner].discard(name)
+        if not owners[owner]:
+            live -= sizes.pop(owner)
+            del owners[owner]
+
+    for v in graph.inputs:
+        if v.name not in const and v.name in known:
+            alloc(v.name)
+    peak, at = live, ""
+    for i, node in enumerate(graph.nodes):
+        for out in node.outputs:
+            if out and out not in known:
+                _infer(node, out, known, const, shape_at)
+        work = 0
+        if workspace and node.op == "Conv" and node.outputs[0] in known:
+            item = known[node.outputs[0]][2]
+            shapes = [shape_at(n, 0) for n in node.inputs[:2]]
+            shapes2 = [shape_at(n, 1) for n in node.inputs[:2]]
+            w1 = conv_workspace(node, shapes, known[node.outputs[0]][0], item)
+            w2 = conv_workspace(node, shapes2, known[node.outputs[0]][1], item)
+            work = w1 + (w2 - w1) * (batch - 1)
+        first_in = node.inputs[0] if node.inputs else ""
+        for out in node.outputs:
+            if not out:
+                continue
+            if node.op in VIEW_OPS and first_in in buffer_of:
+                alloc(out, buffer_of[first_in])
+            else:
+                alloc(out)
+        if live + work > peak:
+            peak, at = live + work, node.name
+        for name in set(node.inputs + node.outputs):
+            if name and name not in keep and name not in const and last_use.get(name, i) <= i:
+                release(name)
+    return ActivationEstimate(batch, int(peak), at)
+
+
+def _infer(node: Node, out: str, known: dict[str, tuple[Shape, Shape, int]], const: Mapping[str, np.ndarray],
+           shape_at: Callable[[str, int], Shape]) -> None:
+    """Shape of ``out`` (written by ``node``) at batch 1 and 2, from the rules of :data:`SHAPE_RULES`.
+
+    An op without a rule gets the shape of its largest input: an estimate, never zero.
+    """
+    item = 4
+    for name in node.inputs:
+        if name in known:
+            item = known[name][2]
+            break
+    consts = [const.get(n) for n in node.inputs]
+    got = []
+    for which in (0, 1):
+        shapes = [shape_at(n, which) if n else () for n in node.inputs]
+        rule = SHAPE_RULES.get(node.op)
+        try:
+            got.append(tuple(int(d) for d in rule(shapes, node.attrs, consts)) if rule else max(shapes, key=math.prod))
+        except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError):
+            got.append(max(shapes, key=math.prod) if shapes else ())
+    known[out] = (got[0], got[1], item)
