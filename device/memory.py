@@ -58,8 +58,9 @@ class EngineMemory:
     fixed_bytes: int
     #: bytes the engine holds per byte of the activation peak (stn_edge.activations) it is given
     activation_copies: float = 1.0
-    #: whether the engine's convolutions hold an im2col buffer (counted in the activation peak)
-    conv_workspace: bool = True
+    #: whether ops hold numpy-style workspace while they run (im2col, padded copies, temporaries;
+    #: stn_edge.activations.workspace_bytes), counted in the activation peak
+    workspace: bool = True
 
     @property
     def _ratio(self) -> Fraction:
@@ -85,7 +86,7 @@ class EngineMemory:
 #: MLP peaks at 2.0. An onnxruntime too old to borrow declares its own cost (EMBEDDED_MEMORY).
 ENGINE_MEMORY: dict[str, EngineMemory] = {
     "numpy": EngineMemory(weight_copies=1.0, fixed_bytes=2 << 20, activation_copies=1.1),
-    "onnxruntime": EngineMemory(weight_copies=3.2, fixed_bytes=16 << 20, conv_workspace=False),
+    "onnxruntime": EngineMemory(weight_copies=3.2, fixed_bytes=16 << 20, workspace=False),
 }
 #: engines not measured yet are assumed to keep two copies (theirs and the runtime's)
 UNMEASURED_ENGINE = EngineMemory(weight_copies=2.0, fixed_bytes=64 << 20)

@@ -201,7 +201,7 @@ class Runtime:
             graph = lower(Graph(self._template.nodes, self._template.inputs, self._template.outputs,
                                 self._shape_only_tensors(), self._template.opset),
                           self.layers, {l["name"]: self._shape_only(l, plan.choice(l["name"])) for l in self.layers})
-            workspace = engine_memory(self._backend).conv_workspace
+            workspace = engine_memory(self._backend).workspace
             self._activation_cache[key] = peak_activations(graph, self._value_shapes, self.batch_size, workspace).peak
         return self._activation_cache[key]
 

@@ -162,19 +162,53 @@ class ActivationEstimate:
     recorded: bool = True
 
 
-def conv_workspace(node: Node, shapes: list[Shape], out: Shape, itemsize: int) -> int:
-    """Bytes a convolution holds besides its input and output: the im2col matrix (and the padded
-    input), as the numpy backend and onnxruntime's generic kernel build it. 1x1 stride-1 unpadded
-    and depthwise convolutions need none beyond one output-sized temporary (depthwise)."""
-    x, w = shapes[0], shapes[1]
+#: temporaries an op holds while it runs, in multiples of its output's bytes, on engines that run
+#: ops as numpy expressions (measured with tracemalloc on the zoo models, numpy 2; the largest seen)
+TEMPORARIES: dict[str, float] = {
+    "Erf": 8.5, "LayerNormalization": 3.3, "Softmax": 2.3, "LogSoftmax": 2.3, "Gemm": 2.2, "Gelu": 8.5,
+    "Sigmoid": 1.1, "HardSigmoid": 1.2, "HardSwish": 1.2, "Add": 0.1, "Mul": 0.1, "AveragePool": 1.0,
+    "InstanceNormalization": 3.3, "BatchNormalization": 2.0,
+}
+
+
+def _padded_copy(node: Node, x: Shape, kernel: list[int], itemsize: int) -> int:
+    """Bytes of the padded copy of input ``x`` a window op makes (0 when it pads nothing)."""
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    pads = list(node.attrs.get("pads") or [])
+    nd = len(x) - 2
+    if not (any(pads) or auto_pad.startswith("SAME") or node.attrs.get("ceil_mode")):
+        return 0
+    strides = list(node.attrs.get("strides") or [1] * nd)
+    dims = []
+    for i in range(nd):
+        if len(pads) == 2 * nd and not auto_pad.startswith("SAME"):
+            extra = pads[i] + pads[nd + i]
+        else:
+            extra = max(kernel[i] - 1, 0) if i < len(kernel) else 0
+        dims.append(x[2 + i] + extra + (strides[i] if node.attrs.get("ceil_mode") else 0))
+    return x[0] * x[1] * math.prod(dims) * itemsize
+
+
+def workspace_bytes(node: Node, inputs: list[Shape], out: Shape, itemsize: int) -> int:
+    """Bytes an op holds besides its inputs and outputs on a numpy-style engine: a convolution's
+    im2col matrix, the padded copy of a convolution's or pooling's input, and the temporaries of
+    :data:`TEMPORARIES`. A 1x1 stride-1 convolution needs no im2col; a depthwise one (one input
+    channel per group) multiplies and adds in place, holding one output-sized temporary."""
+    size = math.prod(out) * itemsize
+    work = int(TEMPORARIES.get(node.op, 0.0) * size)
+    if node.op not in ("Conv", "MaxPool", "AveragePool") or not inputs or len(inputs[0]) < 3:
+        return work
+    x = inputs[0]
+    if node.op != "Conv" or len(inputs) < 2:
+        return work + _padded_copy(node, x, list(node.attrs.get("kernel_shape") or []), itemsize)
+    w = inputs[1]
     k = math.prod(w[2:])
-    pads = node.attrs.get("pads") or []
-    strides = node.attrs.get("strides") or []
+    pad_copy = _padded_copy(node, x, list(w[2:]), itemsize)
     group = int(node.attrs.get("group", 1))
     if group > 1 and w[1] == 1:
-        return math.prod(out) * itemsize
-    pad_copy = math.prod(x) * itemsize if any(pads) else 0
-    if k == 1 and not any(s != 1 for s in strides):
+        return pad_copy + size
+    if k == 1 and all(s == 1 for s in node.attrs.get("strides") or []):
         return pad_copy
     return pad_copy + x[0] * x[1] * k * math.prod(out[2:]) * itemsize
 
@@ -185,8 +219,8 @@ def activation_bytes(graph: Graph, value_shapes: Mapping[str, list[Any]] | None,
 
     ``graph`` is the lowered graph a backend runs; ``value_shapes`` is the artifact's record. The
     graph's inputs count (an engine holds them while it runs) and so do its outputs. ``workspace``
-    adds each convolution's im2col buffer (:func:`conv_workspace`) while it runs: engines that
-    convolve by im2col (numpy) need it, blocked direct kernels (onnxruntime's NCHWc) do not.
+    adds what each op holds while it runs (:func:`workspace_bytes`: im2col, padded copies,
+    temporaries): numpy-style engines need it; onnxruntime's blocked kernels do not.
     """
     if batch < 1:
         raise ValueError(f"batch must be at least 1, not {batch!r}")
@@ -249,12 +283,10 @@ def activation_bytes(graph: Graph, value_shapes: Mapping[str, list[Any]] | None,
             if out and out not in known:
                 _infer(node, out, known, const, shape_at)
         work = 0
-        if workspace and node.op == "Conv" and node.outputs[0] in known:
+        if workspace and node.outputs and node.outputs[0] in known:
             item = known[node.outputs[0]][2]
-            shapes = [shape_at(n, 0) for n in node.inputs[:2]]
-            shapes2 = [shape_at(n, 1) for n in node.inputs[:2]]
-            w1 = conv_workspace(node, shapes, known[node.outputs[0]][0], item)
-            w2 = conv_workspace(node, shapes2, known[node.outputs[0]][1], item)
+            w1, w2 = (workspace_bytes(node, [shape_at(n, k) if n else () for n in node.inputs], known[node.outputs[0]][k],
+                                      item) for k in (0, 1))
             work = w1 + (w2 - w1) * (batch - 1)
         first_in = node.inputs[0] if node.inputs else ""
         for out in node.outputs:
