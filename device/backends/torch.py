@@ -1073,7 +1073,8 @@ class TorchBackend(Backend):
     devices = ("cpu", "cuda")
     #: measured on the CPU by tools/measure_memory.py (demo MLP, 100/50/25%, torch 2.13, x86-64):
     #: tensors share the runtime's arrays, 1.0-1.07x; ~4.6 MiB fixed (allocator, first run). On
-    #: CUDA the weights are copied to the GPU once, outside this (host) count.
+    #: CUDA the weights are copied to the GPU once, outside this (host) count. Activations: the
+    #: numpy-style model with workspace (conv model at batch 16: peak 30-33 MiB for 45-49 counted).
     engine_memory = EngineMemory(weight_copies=1.25, fixed_bytes=8 << 20)
 
     @classmethod
