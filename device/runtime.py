@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Mapping
 
 import numpy as np
@@ -229,10 +230,14 @@ class Runtime:
         """
         plan = self.plan_for(mem_limit)
         with self._lock:
-            self._reader.prefetch(self._planned_reads(plan))  # remote sources: a few range requests
+            moves = self._moves(plan)
+            reads = [read for move in moves.values() for read in move.reads]
+            if self._tensors is None:
+                reads = [(ref, 0, None) for ref in self.header["tensors"].values()] + reads
+            self._reader.prefetch(reads)  # remote sources: a few range requests
             if self._tensors is None:
                 self._tensors = {k: self._reader.read_array(r) for k, r in self.header["tensors"].items()}
-            held = {layer["name"]: self._hold(layer, plan.choice(layer["name"])) for layer in self.layers}
+            held = {layer["name"]: self._hold(layer, moves[layer["name"]]) for layer in self.layers}
             arrays = {
                 layer["name"]: data if level is None else _assembled(layer, level, data)
                 for layer, (level, data) in zip(self.layers, held.values())
@@ -244,62 +249,61 @@ class Runtime:
         release_free_memory()  # what the old plan held leaves the process's RSS, not only Python's heap
         return plan
 
-    def _planned_reads(self, plan: Plan) -> list[tuple[dict[str, Any], int, int | None]]:
-        """``(ref, start, stop)`` of every block moving to ``plan`` reads; mirrors :meth:`_hold`."""
-        reads: list[tuple[dict[str, Any], int, int | None]] = []
-        if self._tensors is None:
-            reads += [(ref, 0, None) for ref in self.header["tensors"].values()]
-        for layer in self.layers:
-            choice = plan.choice(layer["name"])
-            old_level, old = self._held.get(layer["name"], (None, None))
-            if choice.dense:
-                if old is None or old_level is not None:
-                    reads.append((layer["dense"], 0, None))
-                continue
-            have = 0 if old is None or old_level is None else old_level + 1
-            scaled = corrected_factor(layer) if old_level != choice.level else None
-            for name, ref in layer["factors"].items():
-                start = 0 if name == scaled else have
-                if start < choice.level + 1:
-                    reads.append((ref, start, choice.level + 1))
-            if "corrections" in layer and old_level != choice.level:
-                reads.append((layer["corrections"], choice.level, choice.level + 1))
-        return reads
+    def _moves(self, plan: Plan) -> dict[str, "_Move"]:
+        """What each layer does to move from what it holds to ``plan``: the one place for the rules.
 
-    def _hold(self, layer: dict[str, Any], choice: Any) -> tuple[int | None, Any]:
-        """``(level, data)`` for ``choice``: the dense weight (level None) or each factor's row prefix.
-
-        Reuses what is already held: going down copies the shorter prefix (so the dropped rows are
+        Reuses what is held: going down keeps a shorter prefix (copied, so the dropped rows are
         freed), going up reads only the missing row segments. The factor that carries the level's
         output correction (:func:`stn_edge.lowering.corrected_factor`) is read again whenever the
         level changes, so weights after any sequence of rescales equal a fresh load's, bit for bit.
         """
+        moves: dict[str, _Move] = {}
+        for layer in self.layers:
+            choice = plan.choice(layer["name"])
+            old_level, old = self._held.get(layer["name"], (None, None))
+            if choice.dense:
+                keep = old is not None and old_level is None
+                moves[layer["name"]] = _Move(None, [] if keep else [(layer["dense"], 0, None)])
+                continue
+            if old is not None and old_level == choice.level:
+                moves[layer["name"]] = _Move(choice.level, [])
+                continue
+            want = choice.level + 1
+            have = 0 if old is None or old_level is None else old_level + 1
+            scaled = corrected_factor(layer)
+            move = _Move(choice.level, [])
+            for name, ref in layer["factors"].items():
+                start = 0 if name == scaled else min(have, want)
+                move.factors[name] = start
+                if start < want:
+                    move.reads.append((ref, start, want))
+            if "corrections" in layer:
+                move.reads.append((layer["corrections"], choice.level, want))
+            moves[layer["name"]] = move
+        return moves
+
+    def _hold(self, layer: dict[str, Any], move: "_Move") -> tuple[int | None, Any]:
+        """``(level, data)`` after ``move``: the dense weight (level None) or each factor's row prefix."""
         old_level, old = self._held.get(layer["name"], (None, None))
-        if choice.dense:
-            if old_level is None and old is not None:
-                return None, old
-            return None, self._reader.read_array(layer["dense"])
-        if old is not None and old_level == choice.level:
+        if move.level is None:
+            return None, old if not move.reads else self._reader.read_array(layer["dense"])
+        if not move.reads:
             return old_level, old
+        want = move.level + 1
         refs = layer["factors"]
-        want = choice.level + 1
-        scaled = corrected_factor(layer)
-        if old is None or old_level is None:
-            rows = {k: self._reader.read_rows(ref, 0, want) for k, ref in refs.items()}
-        else:
-            have = old_level + 1
-            rows = {}
-            for k, ref in refs.items():
-                if k == scaled:  # held scaled by the old level's correction: read it again, exact
-                    rows[k] = self._reader.read_rows(ref, 0, want)
-                elif have >= want:
-                    rows[k] = old[k][: ref["row_ends"][want - 1]].copy()
-                else:
-                    rows[k] = np.concatenate([old[k], self._reader.read_rows(ref, have, want)])
+        rows = {}
+        for k, ref in refs.items():
+            start = move.factors[k]
+            if start == 0:
+                rows[k] = self._reader.read_rows(ref, 0, want)
+            elif start >= want:  # a shorter prefix of what is held: copied so the rest is freed
+                rows[k] = old[k][: ref["row_ends"][want - 1]].copy()
+            else:
+                rows[k] = np.concatenate([old[k], self._reader.read_rows(ref, start, want)])
         if "corrections" in layer:
-            corr = self._reader.read_rows(layer["corrections"], choice.level, want)[0]
+            corr = self._reader.read_rows(layer["corrections"], move.level, want)[0]
             rows = apply_correction(layer, rows, corr)
-        return choice.level, rows
+        return move.level, rows
 
     def lowered_graph(self) -> Graph:
         """The plain-op graph the backend runs for the current plan (factors at the planned ranks).
@@ -415,6 +419,17 @@ class Runtime:
     def __repr__(self) -> str:
         plan = self.plan.summary() if self.plan else "no plan"
         return f"Runtime({self._reader.name!r}, backend={self.backend!r}, device={self.device!r}: {plan})"
+
+
+@dataclass
+class _Move:
+    """One layer's move to a new plan: its level (None: dense), the ``(ref, start, stop)`` row
+    segments to read (``stop`` None: a whole array), and per factor the first row segment read
+    (0: all of it, afresh; at or past the level: none, a prefix of what is held is kept)."""
+
+    level: int | None
+    reads: list[tuple[dict[str, Any], int, int | None]]
+    factors: dict[str, int] = field(default_factory=dict)
 
 
 def _batch_axis(shape: list[int | str]) -> bool:
