@@ -287,7 +287,7 @@ class Runtime:
         old_level, old = self._held.get(layer["name"], (None, None))
         if move.level is None:
             return None, old if not move.reads else self._reader.read_array(layer["dense"])
-        if not move.reads:
+        if not move.factors:  # the level it holds already
             return old_level, old
         want = move.level + 1
         refs = layer["factors"]
@@ -425,7 +425,8 @@ class Runtime:
 class _Move:
     """One layer's move to a new plan: its level (None: dense), the ``(ref, start, stop)`` row
     segments to read (``stop`` None: a whole array), and per factor the first row segment read
-    (0: all of it, afresh; at or past the level: none, a prefix of what is held is kept)."""
+    (0: all of it, afresh; at or past the level: none, a prefix of what is held is kept). No
+    factors: the layer keeps what it holds."""
 
     level: int | None
     reads: list[tuple[dict[str, Any], int, int | None]]

@@ -153,7 +153,7 @@ def run_demo(budgets=("100%", "50%", "25%", "10%"), backend: str = "auto", out: 
     rows = []
     for budget in budgets:
         try:
-            rt = Runtime.load(path, mem_limit=budget, backend=backend)
+            rt = Runtime.load(path, mem_limit=budget, backend=backend, batch_size=len(xte))  # the test set runs whole
         except BudgetError as exc:
             rows.append({"budget": budget, "error": str(exc)})
             continue

@@ -114,10 +114,11 @@ def side_by_side(path: Path, backend: str, budgets: list[str], batches: list[int
     from stn_edge.device.profile import calibration_feeds, model_macs, time_side_by_side
     from stn_edge.errors import BudgetError
 
-    runtimes = {"dense": Runtime.load(path, mem_limit=None, backend=backend)}
+    top = max(batches)  # each batch runs whole: no chunking inside a timed call
+    runtimes = {"dense": Runtime.load(path, mem_limit=None, backend=backend, batch_size=top)}
     for b in budgets:
         try:
-            runtimes[b] = Runtime.load(path, mem_limit=b, backend=backend)
+            runtimes[b] = Runtime.load(path, mem_limit=b, backend=backend, batch_size=top)
         except BudgetError as exc:
             print(f"[bench] {path.name} {b}: {exc}", file=sys.stderr)
     for b, rt in runtimes.items():

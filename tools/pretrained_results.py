@@ -123,7 +123,8 @@ def evaluate(task: Task, path: Path, backend: str, dense: dict[str, np.ndarray])
         row = {"budget": budget}
         for planner in ("greedy", "uniform"):
             try:
-                with Runtime.load(path, mem_limit=budget, backend=backend, planner=planner) as rt:
+                with Runtime.load(path, mem_limit=budget, backend=backend, planner=planner,
+                                  batch_size=len(task.x)) as rt:
                     metrics = task.score(rt.run(task.x), task.y, dense)
                     if planner == "greedy":
                         row.update(weights=rt.plan.total_bytes, full=rt.full_bytes, layers=len(rt.plan.layers),

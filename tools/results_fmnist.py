@@ -108,7 +108,7 @@ def main() -> None:
             budget = int(fixed + frac * factorizable)
             try:
                 with Runtime.load(path, mem_limit=f"{100.0 * budget / (fixed + factorizable):.6f}%", backend=args.backend,
-                                  planner=v.get("planner", "greedy")) as rt:
+                                  planner=v.get("planner", "greedy"), batch_size=500) as rt:
                     acc = accuracy(rt, xte, yte)
                     held = rt.plan.total_bytes
             except BudgetError as exc:
