@@ -7,12 +7,12 @@ numpy + msgpack alone never imports an engine it does not have.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
-from stn_edge.errors import BackendError, BackendUnavailable
-from stn_edge.graph import Graph
+from stn_edge.errors import BackendError, BackendUnavailable, UnsupportedOp
+from stn_edge.graph import Graph, Node
 
 #: backend name -> (module, pip extra that installs its engine)
 KNOWN_BACKENDS: dict[str, tuple[str, str]] = {
@@ -95,3 +95,16 @@ def available_backends(device: str = "cpu") -> list[str]:
             continue
         names.append(name)
     return names
+
+
+def unsupported(backend: str, node: Node, reason: str, backends: Sequence[str]) -> UnsupportedOp:
+    """The error a backend raises for a node it cannot run: which node, which op, why, and the
+    backends that can (``backends``, best first)."""
+    backends = tuple(backends)
+    return UnsupportedOp(
+        f"{backend} backend cannot run node {node.name!r} (op {node.op!r}): {reason}; "
+        f"run it with backend {' or '.join(map(repr, backends))}",
+        op=node.op,
+        node=node.name,
+        backends=backends,
+    )

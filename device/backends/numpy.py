@@ -24,11 +24,14 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from stn_edge.device.backends import Backend, Executable, register
+from stn_edge.device.backends import Backend, Executable, register, unsupported
+from stn_edge.device.backends.geometry import (
+    conv_out, kernel_offsets, nearest, pool_geometry, same_pads, slice_bounds, source_coords, window_pads,
+)
 from stn_edge.errors import BackendError, InputError, UnsupportedOp
 from stn_edge.graph import Graph, Node
 
@@ -415,56 +418,11 @@ def einsum(*xs: np.ndarray, equation: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
-def _same_pads(total: int, auto_pad: str) -> tuple[int, int]:
-    """Split a total padding the way SAME_UPPER / SAME_LOWER do (the odd pixel at the end / start)."""
-    small, large = total // 2, total - total // 2
-    return (small, large) if auto_pad == "SAME_UPPER" else (large, small)
-
-
-def _window_pads(
-    sizes: Sequence[int],
-    kernel: Sequence[int],
-    strides: Sequence[int],
-    dilations: Sequence[int],
-    pads: Sequence[int] | None,
-    auto_pad: str,
-) -> tuple[list[int], list[int]]:
-    """Begin and end padding of each spatial axis for Conv and the pools."""
-    nd = len(sizes)
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        begin, end = [], []
-        for size, k, s, d in zip(sizes, kernel, strides, dilations):
-            out = -(-size // s)
-            b, e = _same_pads(max(0, (out - 1) * s + (k - 1) * d + 1 - size), auto_pad)
-            begin.append(b)
-            end.append(e)
-        return begin, end
-    if auto_pad == "VALID" or not pads:
-        return [0] * nd, [0] * nd
-    return list(pads[:nd]), list(pads[nd:])
-
-
 def _pad_spatial(x: np.ndarray, begin: Sequence[int], end: Sequence[int], value: Any) -> np.ndarray:
     if not any(begin) and not any(end):
         return x
     width = [(0, 0), (0, 0)] + list(zip(begin, end))
     return np.pad(x, width, mode="constant", constant_values=value)
-
-
-def _kernel_offsets(
-    out: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
-) -> Iterator[tuple[slice, ...]]:
-    """For each kernel position, the strided slice of the padded input it reads: (..., *out)."""
-    for pos in np.ndindex(*kernel):
-        yield (slice(None), slice(None)) + tuple(
-            slice(p * d, p * d + (o - 1) * s + 1, s) for p, d, o, s in zip(pos, dilations, out, strides)
-        )
-
-
-def _conv_out(
-    padded: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
-) -> list[int]:
-    return [(n - (k - 1) * d - 1) // s + 1 for n, k, s, d in zip(padded, kernel, strides, dilations)]
 
 
 @op("Conv", check=_attr_in("auto_pad", ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"), "NOTSET"))
@@ -485,9 +443,9 @@ def conv(
     kernel = w.shape[2:]
     strides = list(strides or [1] * nd)
     dilations = list(dilations or [1] * nd)
-    begin, end = _window_pads(x.shape[2:], kernel, strides, dilations, pads, auto_pad)
+    begin, end = window_pads(x.shape[2:], kernel, strides, dilations, pads, auto_pad)
     xp = _pad_spatial(x, begin, end, 0)
-    out = _conv_out(xp.shape[2:], kernel, strides, dilations)
+    out = conv_out(xp.shape[2:], kernel, strides, dilations)
     n, c = x.shape[:2]
     m, cg = w.shape[0], w.shape[1]
     mg = m // group
@@ -497,7 +455,7 @@ def conv(
         # im2col: every kernel position is one strided copy, stacked so that (C/g, K) is contiguous;
         # then a single batched matmul per group does all the arithmetic in BLAS.
         # A 1x1 kernel needs no copy at all: the (strided) input is already the column matrix.
-        slices = list(_kernel_offsets(out, kernel, strides, dilations))
+        slices = list(kernel_offsets(out, kernel, strides, dilations))
         cols = xp[slices[0]] if len(slices) == 1 else np.stack([xp[sl] for sl in slices], axis=2)
         cols = cols.reshape(n, group, cg * math.prod(kernel), math.prod(out))
         y = np.matmul(w.reshape(group, mg, -1), cols).reshape(n, m, *out)
@@ -521,7 +479,7 @@ def _depthwise(
     kernel = w.shape[2:]
     wk = w.reshape(group, mult, -1)
     y = np.zeros((n, group, mult, *out), dtype=np.result_type(xp, w))
-    for i, sl in enumerate(_kernel_offsets(out, kernel, strides, dilations)):
+    for i, sl in enumerate(kernel_offsets(out, kernel, strides, dilations)):
         y += xp[sl][:, :, None] * wk[:, :, i].reshape((group, mult) + (1,) * nd)
     return y.reshape(n, m, *out)
 
@@ -561,7 +519,7 @@ def conv_transpose(
         else:
             target = [i * s for i, s in zip(sizes, strides)]
         upper = "SAME_UPPER" if auto_pad == "SAME_UPPER" else "SAME_LOWER"
-        split = [_same_pads(f - t, upper) for f, t in zip(full, target)]
+        split = [same_pads(f - t, upper) for f, t in zip(full, target)]
         begin, end = [p[0] for p in split], [p[1] for p in split]
     elif auto_pad == "VALID" or not pads:
         begin, end = [0] * nd, [0] * nd
@@ -574,52 +532,12 @@ def conv_transpose(
         x.reshape(n, group, cg, math.prod(sizes)),
     ).reshape(n, m, math.prod(kernel), *sizes)
     y = np.zeros((n, m, *full), dtype=np.result_type(x, w))
-    for i, sl in enumerate(_kernel_offsets(sizes, kernel, strides, dilations)):
+    for i, sl in enumerate(kernel_offsets(sizes, kernel, strides, dilations)):
         y[sl] += patches[:, :, i]
     y = y[(slice(None), slice(None)) + tuple(slice(bb, f - e) for bb, f, e in zip(begin, full, end))]
     if b is not None:
         y = y + b.reshape((1, m) + (1,) * nd)
     return y
-
-
-@dataclass(frozen=True)
-class _PoolGeometry:
-    """Where a pool's windows lie along each spatial axis."""
-
-    begin: list[int]  # explicit (or SAME) padding before
-    end: list[int]  # explicit (or SAME) padding after
-    overhang: list[int]  # extra cells past ``end`` that ceil_mode's last window reaches
-    out: list[int]  # output size
-    strides: list[int]
-    dilations: list[int]
-
-    def slices(self, kernel: Sequence[int]) -> Iterator[tuple[slice, ...]]:
-        return _kernel_offsets(self.out, kernel, self.strides, self.dilations)
-
-
-def _pool_geometry(
-    sizes: Sequence[int],
-    kernel: Sequence[int],
-    strides: Sequence[int] | None,
-    dilations: Sequence[int] | None,
-    pads: Sequence[int] | None,
-    auto_pad: str,
-    ceil_mode: int,
-) -> _PoolGeometry:
-    strides = list(strides or [1] * len(sizes))
-    dilations = list(dilations or [1] * len(sizes))
-    begin, end = _window_pads(sizes, kernel, strides, dilations, pads, auto_pad)
-    out, overhang = [], []
-    for size, k, s, d, b, e in zip(sizes, kernel, strides, dilations, begin, end):
-        extent = (k - 1) * d + 1
-        span = size + b + e - extent
-        o = (-(-span // s) if ceil_mode else span // s) + 1
-        # A last window that would start in the end padding is dropped (PyTorch and ORT agree).
-        if ceil_mode and (o - 1) * s >= size + b:
-            o -= 1
-        out.append(o)
-        overhang.append(max(0, (o - 1) * s + extent - (size + b + e)))
-    return _PoolGeometry(begin, end, overhang, out, strides, dilations)
 
 
 def _pool_check(node: Node, opset: int) -> str | None:
@@ -639,7 +557,7 @@ def max_pool(
     strides: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Max over windows. x: (N, C, *in) -> (N, C, *out). Only the values output (no Indices)."""
-    g = _pool_geometry(x.shape[2:], kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+    g = pool_geometry(x.shape[2:], kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
     # Pads (explicit and overhang) hold the lowest value, so no window ever picks one over real data.
     lowest = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
     xp = _pad_spatial(x, g.begin, [e + h for e, h in zip(g.end, g.overhang)], lowest)
@@ -664,7 +582,7 @@ def average_pool(
 ) -> np.ndarray:
     """Mean over windows. x: (N, C, *in) -> (N, C, *out)."""
     nd = x.ndim - 2
-    g = _pool_geometry(x.shape[2:], kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+    g = pool_geometry(x.shape[2:], kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
     after = [e + h for e, h in zip(g.end, g.overhang)]
     xp = _pad_spatial(x, g.begin, after, 0)
     # The divisor counts the cells each window covers: real ones, plus the explicit pads when
@@ -838,19 +756,6 @@ def split(
     return tuple(np.split(x, cuts, axis=axis))
 
 
-def _slice_bounds(start: int, end: int, step: int, dim: int) -> slice:
-    """ONNX Slice clamping (it differs from Python's for negative steps below -dim)."""
-    start = start + dim if start < 0 else start
-    end = end + dim if end < 0 else end
-    if step > 0:
-        return slice(min(max(start, 0), dim), min(max(end, 0), dim), step)
-    start = min(max(start, 0), dim - 1)
-    end = min(max(end, -1), dim - 1)
-    if dim == 0:
-        return slice(0, 0, step)
-    return slice(start, None if end < 0 else end, step)
-
-
 @op("Slice")
 def slice_(
     x: np.ndarray,
@@ -864,7 +769,7 @@ def slice_(
     steps = _ints(steps) if steps is not None else [1] * len(starts)
     index = [slice(None)] * x.ndim
     for start, end, axis, step in zip(starts, ends, axes, steps):
-        index[axis] = _slice_bounds(start, end, step, x.shape[axis])
+        index[axis] = slice_bounds(start, end, step, x.shape[axis])
     return x[tuple(index)]
 
 
@@ -1186,28 +1091,6 @@ def _resize_check(node: Node, opset: int) -> str | None:
     return None
 
 
-def _source_coords(n_out: int, n_in: int, scale: float, mode: str) -> np.ndarray:
-    """Input coordinate of each output index along one axis (float64)."""
-    x = np.arange(n_out, dtype=np.float64)
-    if mode == "asymmetric":
-        return x / scale
-    if mode == "align_corners":
-        return x * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros(n_out)
-    if mode == "pytorch_half_pixel" and n_out == 1:
-        return np.zeros(n_out)
-    return (x + 0.5) / scale - 0.5
-
-
-def _nearest(coords: np.ndarray, mode: str, n_in: int) -> np.ndarray:
-    rounded = {
-        "round_prefer_floor": np.ceil(coords - 0.5),
-        "round_prefer_ceil": np.floor(coords + 0.5),
-        "floor": np.floor(coords),
-        "ceil": np.ceil(coords),
-    }[mode]
-    return np.clip(rounded, 0, n_in - 1).astype(np.int64)
-
-
 @op("Resize", check=_resize_check)
 def resize(
     x: np.ndarray,
@@ -1239,9 +1122,9 @@ def resize(
     for a, (n_in, n_out, scale) in enumerate(zip(x.shape, full_size, full_scale)):
         if n_in == n_out and scale == 1.0:
             continue
-        coords = _source_coords(n_out, n_in, scale, coordinate_transformation_mode)
+        coords = source_coords(n_out, n_in, scale, coordinate_transformation_mode)
         if mode == "nearest":
-            y = np.take(y, _nearest(coords, nearest_mode, n_in), axis=a)
+            y = np.take(y, nearest(coords, nearest_mode, n_in), axis=a)
             continue
         coords = np.clip(coords, 0, n_in - 1)
         lo = np.floor(coords).astype(np.int64)
@@ -1267,16 +1150,10 @@ class _Step:
 
 
 def _unsupported(node: Node, reason: str) -> UnsupportedOp:
-    return UnsupportedOp(
-        f"numpy backend cannot run node {node.name!r} (op {node.op!r}): {reason}; "
-        f"run it with backend {' or '.join(map(repr, FALLBACK_BACKENDS))}",
-        op=node.op,
-        node=node.name,
-        backends=FALLBACK_BACKENDS,
-    )
+    return unsupported("numpy", node, reason, FALLBACK_BACKENDS)
 
 
-def _check_node(node: Node, opset: int) -> OpImpl:
+def check_node(node: Node, opset: int) -> OpImpl:
     """The implementation that runs ``node``; UnsupportedOp saying why when there is none."""
     if node.domain not in ("", "ai.onnx"):
         raise _unsupported(node, f"domain {node.domain!r} is not implemented (default ONNX domain only)")
@@ -1316,7 +1193,7 @@ class NumpyExecutable(Executable):
             if name not in keep:
                 release[i].append(name)
         self._steps = []
-        impls = [_check_node(node, graph.opset) for node in graph.nodes]
+        impls = [check_node(node, graph.opset) for node in graph.nodes]
         graph.check_wiring()
         for node, impl, dead in zip(graph.nodes, impls, release):
             attrs = dict(node.attrs)

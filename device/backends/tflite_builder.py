@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from stn_edge.device.backends import geometry as geo
+from stn_edge.device.backends import unsupported
 from stn_edge.device.backends import numpy as reference
 from stn_edge.device.backends.tflite_flatbuffer import TENSOR_TYPES, ModelDraft, serialize
 from stn_edge.errors import BackendError, UnsupportedOp
@@ -194,14 +196,8 @@ class _Converter:
 
     def refuse(self, reason: str) -> UnsupportedOp:
         node = self._node
-        backends = ("onnxruntime", "torch", "numpy") if node.op in reference.OPS else ("onnxruntime",)
-        return UnsupportedOp(
-            f"tflite backend cannot run node {node.name!r} (op {node.op!r}): {reason}; "
-            f"run it with backend {' or '.join(map(repr, backends))}",
-            op=node.op,
-            node=node.name,
-            backends=backends,
-        )
+        return unsupported("tflite", node, reason,
+                           ("onnxruntime", "torch", "numpy") if node.op in reference.OPS else ("onnxruntime",))
 
     def _foldable(self, node: Node) -> bool:
         present = [n for n in node.inputs if n]
@@ -211,7 +207,7 @@ class _Converter:
 
     def _fold(self, node: Node) -> None:
         try:
-            impl = reference._check_node(node, self.graph.opset)
+            impl = reference.check_node(node, self.graph.opset)
         except UnsupportedOp as exc:
             raise self.refuse(str(exc)) from None
         attrs = dict(node.attrs)
@@ -948,7 +944,7 @@ def _same_pads(
     sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
 ) -> tuple[list[int], list[int]]:
     """TFLite's SAME padding: ONNX SAME_UPPER."""
-    return reference._window_pads(sizes, kernel, strides, dilations, None, "SAME_UPPER")
+    return geo.window_pads(sizes, kernel, strides, dilations, None, "SAME_UPPER")
 
 
 def _pad_input(
@@ -972,7 +968,7 @@ def _conv_geometry(
     strides = list(node.attrs.get("strides") or [1] * nd)
     dilations = list(node.attrs.get("dilations") or [1] * nd)
     pads, auto_pad = node.attrs.get("pads"), node.attrs.get("auto_pad", "NOTSET")
-    begin, end = reference._window_pads(sizes, kernel, strides, dilations, pads, auto_pad)
+    begin, end = geo.window_pads(sizes, kernel, strides, dilations, pads, auto_pad)
     return strides, dilations, begin, end
 
 
@@ -1041,7 +1037,7 @@ def _conv(c: _Converter, node: Node) -> None:
     else:
         x, nhwc = _pad_input(c, x, nhwc, begin, end)
         padding = _PAD_VALID
-    out_hw = reference._conv_out(padded, kernel, strides, dilations)
+    out_hw = geo.conv_out(padded, kernel, strides, dilations)
     out_nhwc = [nhwc[0], out_hw[0], out_hw[1], m]
     name, act = c.take_activation(node.outputs[0])
     geometry = dict(Padding=padding, StrideH=strides[0], StrideW=strides[1], DilationHFactor=dilations[0],
@@ -1101,7 +1097,7 @@ def _transpose_conv_pads(
     if output_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         target = list(output_shape)[-nd:] if output_shape is not None else [i * s for i, s in zip(sizes, strides)]
         mode = "SAME_UPPER" if auto_pad == "SAME_UPPER" else "SAME_LOWER"
-        split = [reference._same_pads(f - t, mode) for f, t in zip(full, target)]
+        split = [geo.same_pads(f - t, mode) for f, t in zip(full, target)]
         return full, [p[0] for p in split], [p[1] for p in split]
     pads = node.attrs.get("pads")
     if auto_pad == "VALID" or not pads:
@@ -1169,7 +1165,7 @@ def _pool(c: _Converter, node: Node) -> None:
     sizes = list(c.values[node.inputs[0]].shape[2:])
     dilations = [1] * len(kernel)
     pads, auto_pad, ceil_mode = node.attrs.get("pads"), node.attrs.get("auto_pad", "NOTSET"), node.attrs.get("ceil_mode", 0)
-    g = reference._pool_geometry(sizes, kernel, strides, dilations, pads, auto_pad, int(ceil_mode))
+    g = geo.pool_geometry(sizes, kernel, strides, dilations, pads, auto_pad, int(ceil_mode))
     x, nhwc, one_d = _as_2d(c, node.inputs[0])
     k2, s2 = _lift(kernel, one_d, 1), _lift(strides, one_d, 1)
     sizes2, outs2 = _lift(sizes, one_d, 1), _lift(g.out, one_d, 1)
@@ -1493,7 +1489,7 @@ def _slice(c: _Converter, node: Node) -> None:
     for start, stop, axis, step in zip(starts, ends, axes, steps):
         axis %= rank
         dim = v.shape[axis]
-        bounds = reference._slice_bounds(start, stop, step, dim)
+        bounds = geo.slice_bounds(start, stop, step, dim)
         shape[axis] = len(range(dim)[bounds])
         i = perm.index(axis)
         stride[i] = step

@@ -31,7 +31,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from stn_edge.device.backends import Backend, Executable, register
+from stn_edge.device.backends import Backend, Executable, register, unsupported
+from stn_edge.device.backends import geometry as geo
 from stn_edge.device.backends import numpy as reference
 from stn_edge.device.memory import EngineMemory
 from stn_edge.errors import BackendError, BackendUnavailable, InputError, UnsupportedOp
@@ -339,7 +340,7 @@ def conv(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_sha
         raise ValueError(f"{nd}-D convolution is not supported (1-D to 3-D)")
     strides = list(strides or [1] * nd)
     dilations = list(dilations or [1] * nd)
-    begin, end = reference._window_pads(list(x.shape[2:]), list(w.shape[2:]), strides, dilations, pads, auto_pad)
+    begin, end = geo.window_pads(list(x.shape[2:]), list(w.shape[2:]), strides, dilations, pads, auto_pad)
     padding: Any = begin
     if begin != end:
         x, padding = _pad_spatial(x, begin, end), 0
@@ -361,7 +362,7 @@ def conv_transpose(
     if output_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         target = list(output_shape)[-nd:] if output_shape is not None else [i * s for i, s in zip(sizes, strides)]
         mode = "SAME_UPPER" if auto_pad == "SAME_UPPER" else "SAME_LOWER"
-        split = [reference._same_pads(f - t, mode) for f, t in zip(full, target)]
+        split = [geo.same_pads(f - t, mode) for f, t in zip(full, target)]
         begin, end = [p[0] for p in split], [p[1] for p in split]
     elif auto_pad == "VALID" or not pads:
         begin, end = [0] * nd, [0] * nd
@@ -396,7 +397,7 @@ def max_pool(x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape,
     nd = x.ndim - 2
     strides = list(strides or [1] * nd)
     dilations = list(dilations or [1] * nd)
-    g = reference._pool_geometry(list(x.shape[2:]), kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+    g = geo.pool_geometry(list(x.shape[2:]), kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
     fn = getattr(F, f"max_pool{nd}d")
     if _native_pads(g.begin, g.end, kernel_shape, dilations):
         return fn(x, kernel_shape, strides, g.begin, dilations, ceil_mode=bool(ceil_mode))
@@ -413,7 +414,7 @@ def average_pool(
     nd = x.ndim - 2
     strides = list(strides or [1] * nd)
     ones = [1] * nd
-    g = reference._pool_geometry(list(x.shape[2:]), kernel_shape, strides, ones, pads, auto_pad, ceil_mode)
+    g = geo.pool_geometry(list(x.shape[2:]), kernel_shape, strides, ones, pads, auto_pad, ceil_mode)
     fn = getattr(F, f"avg_pool{nd}d")
     if _native_pads(g.begin, g.end, kernel_shape, ones):
         # torch's divisor matches ONNX: pads counted when count_include_pad, ceil overhang never
@@ -544,7 +545,7 @@ def slice_(x, starts, ends, axes=None, steps=None):
     flips = []
     for start, end, axis, step in zip(starts, ends, axes, steps):
         axis %= x.ndim
-        bounds = reference._slice_bounds(start, end, step, x.shape[axis])
+        bounds = geo.slice_bounds(start, end, step, x.shape[axis])
         if step > 0:
             index[axis] = bounds
         else:  # torch slices take positive steps only: take the positions explicitly
@@ -837,9 +838,9 @@ def resize(
     for a, (n_in, n_out, scale) in enumerate(zip(x.shape, full_size, full_scale)):
         if n_in == n_out and scale == 1.0:
             continue
-        coords = reference._source_coords(n_out, n_in, scale, coordinate_transformation_mode)
+        coords = geo.source_coords(n_out, n_in, scale, coordinate_transformation_mode)
         if mode == "nearest":
-            pick = torch.from_numpy(reference._nearest(coords, nearest_mode, n_in)).to(x.device)
+            pick = torch.from_numpy(geo.nearest(coords, nearest_mode, n_in)).to(x.device)
             y = y.index_select(a, pick)
             continue
         coords = np.clip(coords, 0, n_in - 1)
@@ -861,14 +862,7 @@ def resize(
 
 def _unsupported(node: Node, reason: str) -> UnsupportedOp:
     # suggest numpy only when its registry has the op (torch lacks a variant numpy may run)
-    backends = tuple(b for b in FALLBACK_BACKENDS if b != "numpy" or node.op in reference.OPS)
-    return UnsupportedOp(
-        f"torch backend cannot run node {node.name!r} (op {node.op!r}): {reason}; "
-        f"run it with backend {' or '.join(map(repr, backends))}",
-        op=node.op,
-        node=node.name,
-        backends=backends,
-    )
+    return unsupported("torch", node, reason, [b for b in FALLBACK_BACKENDS if b != "numpy" or node.op in reference.OPS])
 
 
 def _check_node(node: Node, opset: int) -> TorchOp:
@@ -952,7 +946,7 @@ class TorchExecutable(Executable):
         self._folded_from = frozenset(folded_from)
 
     def _fold(self, node: Node, host: dict[str, np.ndarray]) -> None:
-        impl = reference._check_node(node, self.graph.opset)
+        impl = reference.check_node(node, self.graph.opset)
         attrs = dict(node.attrs)
         if impl.num_outputs and attrs.get("num_outputs") is None:
             attrs["num_outputs"] = len(node.outputs)
@@ -974,7 +968,7 @@ class TorchExecutable(Executable):
                 release[i].append(name)
         steps = []
         for (node, entry, on_host), dead in zip(plan, release):
-            impl = reference._check_node(node, opset) if on_host else entry.impl
+            impl = reference.check_node(node, opset) if on_host else entry.impl
             attrs = dict(node.attrs)
             if impl.num_outputs and attrs.get("num_outputs") is None:
                 attrs["num_outputs"] = len(node.outputs)
