@@ -1,10 +1,8 @@
 """Activation memory: recorded shapes, the liveness peak, budgets that hold it, chunked batches."""
 from __future__ import annotations
 
-import tracemalloc
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import pytest
 
@@ -14,6 +12,8 @@ from stn_edge.device.memory import ENGINE_MEMORY
 from stn_edge.errors import ArtifactError, BudgetError, InputError
 from stn_edge.format import ArtifactReader
 from stn_edge.graph import Graph, Node, ValueInfo
+from memtools import tool as _tool
+from memtools import traced_peak
 from test_format import GOLDEN, _golden_header, _with_header
 
 torch = pytest.importorskip("torch")
@@ -70,18 +70,8 @@ def test_merged_batch_axes_scale_with_the_batch():
 
 @pytest.fixture(scope="module")
 def cnn_path(tmp_path_factory) -> Path:
-    from stn_edge.host import bake
-
-    torch.manual_seed(0)
-    c = 32
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, c, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-        torch.nn.Linear(c, 10))
-    path = tmp_path_factory.mktemp("act") / "cnn.stn"
-    bake(model, torch.randn(2, 3, 16, 16), path, calibration=torch.randn(8, 3, 16, 16), importance="spectral",
-         progress=False, correct=False)
-    return path
+    """Three 3x3 Conv(32) at 16x16 (tools/measure_memory.py's model, smaller)."""
+    return _tool("measure_memory").bake_cnn(tmp_path_factory.mktemp("act") / "cnn.stn", channels=32, size=16)
 
 
 def _x(n: int, seed: int = 0) -> np.ndarray:
@@ -93,15 +83,7 @@ def test_estimate_matches_what_numpy_allocates(cnn_path, budget):
     for batch in (1, 8):
         rt = Runtime.load(cnn_path, mem_limit=budget, backend="numpy", batch_size=batch)
         x = _x(batch)
-        rt.run(x)
-        tracemalloc.start()
-        try:
-            base = tracemalloc.get_traced_memory()[0]
-            tracemalloc.reset_peak()
-            rt.run(x)
-            peak = tracemalloc.get_traced_memory()[1] - base
-        finally:
-            tracemalloc.stop()
+        peak = traced_peak(lambda: rt.run(x))
         est = rt.plan.activation_bytes
         assert 0.8 * est <= peak <= ENGINE_MEMORY["numpy"].activation_copies * est + (64 << 10), (batch, est, peak)
 

@@ -191,21 +191,13 @@ def test_budgets_shrink_the_plan(baked):
 def test_activation_estimate_matches_numpy_allocations(baked):
     """The liveness estimate the budget holds equals what the numpy engine allocates while it runs,
     at batch 4 on every architecture (merged batch axes of attention included)."""
-    import tracemalloc
+    from memtools import traced_peak
 
     name, entry, _, path = baked
     feeds = _feeds(entry, entry.inputs(4, 5))
     for budget in ("100%", "25%"):
         rt = Runtime.load(path, mem_limit=budget, backend="numpy", batch_size=4)
-        rt.run(feeds)
-        tracemalloc.start()
-        try:
-            base = tracemalloc.get_traced_memory()[0]
-            tracemalloc.reset_peak()
-            rt.run(feeds)
-            peak = tracemalloc.get_traced_memory()[1] - base
-        finally:
-            tracemalloc.stop()
+        peak = traced_peak(lambda: rt.run(feeds))
         est = rt.plan.activation_bytes
         assert est > 0, name
         assert 0.75 * est - (32 << 10) <= peak <= 1.1 * est + (64 << 10), (name, budget, est, peak)

@@ -112,20 +112,21 @@ def bake_demo(path: str | os.PathLike, correct: bool = True) -> Path:
     return Path(path)
 
 
-def bake_cnn(path: str | os.PathLike) -> Path:
-    """A model whose activations outweigh its weights: three 3x3 Conv(64) at 32x32, pooled, Linear(64, 10)
-    (~0.3 MiB of weights; ~4 MiB per activation and ~36 MiB of im2col workspace at batch 16)."""
+def bake_cnn(path: str | os.PathLike, channels: int = 64, size: int = 32) -> Path:
+    """A model whose activations outweigh its weights: three 3x3 Conv(channels) at size x size, pooled,
+    Linear(channels, 10). At the defaults: ~0.3 MiB of weights; ~4 MiB per activation and ~36 MiB of
+    im2col workspace at batch 16."""
     import torch
 
     from stn_edge.host import bake
 
     torch.manual_seed(0)
-    c = 64
+    c = channels
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, c, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(),
         torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
         torch.nn.Linear(c, 10))
-    bake(model, torch.randn(2, 3, 32, 32), path, calibration=torch.randn(8, 3, 32, 32), importance="spectral",
+    bake(model, torch.randn(2, 3, size, size), path, calibration=torch.randn(8, 3, size, size), importance="spectral",
          progress=False, correct=False)
     return Path(path)
 
