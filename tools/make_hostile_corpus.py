@@ -206,6 +206,12 @@ ATTACKS: dict[str, tuple[str, str, str, Callable[[bytes], bytes]]] = {
                                   _header_file(lambda h: h["calibration"]["inputs"].update(
                                       zz=h["calibration"]["inputs"].pop("x")))),
     "full-bytes-negative": ("full_bytes = -1", "open", "non-negative integer", _header_file(lambda h: h.update(full_bytes=-1))),
+    "value-shapes-huge": ("a recorded activation of 2^60 elements (would plan an absurd activation budget)", "open",
+                          "elements", _header_file(lambda h: h.update(value_shapes={"x": [[1 << 30, 1 << 30], [2, 4], "float32"]}))),
+    "value-shapes-negative": ("a recorded activation with a negative dimension", "open", "non-negative integer",
+                              _header_file(lambda h: h.update(value_shapes={"x": [[1, -4], [2, 4], "float32"]}))),
+    "value-shapes-ragged": ("a value_shapes record that is not [shape, shape, dtype]", "open", "must be \\[shape at batch 1",
+                            _header_file(lambda h: h.update(value_shapes={"x": [[1, 4]]}))),
 }
 
 
