@@ -149,6 +149,8 @@ def test_writer_stamps_minor_1_only_with_value_shapes(cnn_path):
     ({"x": [[1, 4], [2, 4], "object"]}, "dtype"),
     ({"x": [[1 << 30, 1 << 30], [2, 4], "float32"]}, "elements"),
     ({"x": [list(range(1, 40)), [2], "float32"]}, "32 axes"),
+    ({"x": [[1, 4], [2], "float32"]}, "must have the axes"),
+    ({"x": [[2, 4], [1, 4], "float32"]}, "none smaller"),
     ({"x": "1,4"}, "value_shapes"),
     (["x"], "value_shapes"),
 ])
