@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -60,21 +61,42 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                   f"{c['score']:.4f}", f"{c['err@10%']:.3f}", f"{c['err@25%']:.3f}", f"{c['err@50%']:.3f}",
                                   f"{c['seconds']:.2f}"))
             search_text = "\n\nstructure search (chosen *, runners-up; relative weight error at % of dense bytes)\n" + format_table(srows)
+        acts = _activation_summary(r)
         ios = "; ".join(f"{v['name']} {v['shape']} {v['dtype']}" for v in model["inputs"])
         outs = "; ".join(f"{v['name']} {v['shape']} {v['dtype']}" for v in model["outputs"])
         text = (f"{args.artifact}: stn format {r.version[0]}.{r.version[1]}, {h.get('producer', '?')}\n"
                 f"inputs: {ios}\noutputs: {outs}\n{len(model['nodes'])} nodes, {len(h['layers'])} factorized layers, "
                 f"{len(h['tensors'])} dense tensors; full model {format_bytes(h['full_bytes'])}, "
-                f"file {format_bytes(r.data_start + r.data_size)}\n\n" + format_table(rows) + search_text)
+                f"file {format_bytes(r.data_start + r.data_size)}\n{acts['text']}\n\n" + format_table(rows) + search_text)
         data = {
             "version": list(r.version), "producer": h.get("producer"), "inputs": model["inputs"], "outputs": model["outputs"],
             "nodes": len(model["nodes"]), "full_bytes": h["full_bytes"],
             "layers": [{k: l[k] for k in ("name", "family", "kind", "node", "max_rank", "ladder", "structure", "search") if k in l}
                        | {"dense_shape": l["dense"]["shape"]} for l in h["layers"]],
             "skipped": h.get("skipped", []),
+            "activations": {k: v for k, v in acts.items() if k != "text"},
         }
     _emit(args, data, text)
     return 0
+
+
+def _activation_summary(reader) -> dict:
+    """Whether the artifact records value shapes, and the full model's activation peak on numpy at
+    batch 1 and 32 (what ``mem_limit`` adds for them; other engines count their own)."""
+    if not reader.header.get("value_shapes"):
+        return {"recorded": False, "text": "activations: not recorded (format 1.0 or a graph numpy cannot run): "
+                                           "mem_limit counts weights only"}
+    from stn_edge.device.backends import get_backend
+    from stn_edge.device.runtime import Runtime
+
+    rt = Runtime(reader, get_backend("numpy"), "cpu", "inspect")
+    peaks = {}
+    for batch in (1, 32):
+        rt.batch_size = batch
+        peaks[batch] = rt.activation_bytes(rt.plan_for(None))
+    return {"recorded": True, "numpy_peak": peaks,
+            "text": f"activations (full model, numpy): {format_bytes(peaks[1])} at batch 1, "
+                    f"{format_bytes(peaks[32])} at batch 32"}
 
 
 def _runtime(args: argparse.Namespace):
@@ -377,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         print(f"error: {exc.name} is not installed; the host commands need: pip install 'stn-edge[host]'", file=sys.stderr)
         return 5
+    except BrokenPipeError:  # `stn-edge inspect x.stn | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -179,3 +179,17 @@ def test_cli_plan_and_run_take_a_batch_size(cnn_path, capsys, tmp_path):
     with Runtime.load(cnn_path, mem_limit=int(budget), backend="numpy", batch_size=8) as same:
         np.testing.assert_allclose(y, same.run(_x(8))["output"], rtol=1e-6, atol=1e-7)
     assert main(["plan", str(cnn_path), "--backend", "numpy", "--batch-size", "0"]) == 6
+
+
+def test_inspect_reports_activations(cnn_path, capsys):
+    import json
+
+    from stn_edge.cli import main
+
+    assert main(["inspect", str(cnn_path), "--json"]) == 0
+    acts = json.loads(capsys.readouterr().out)["activations"]
+    with Runtime.load(cnn_path, backend="numpy", batch_size=32) as rt:
+        assert acts == {"recorded": True, "numpy_peak": {"1": Runtime.load(cnn_path, backend="numpy").plan.activation_bytes,
+                                                         "32": rt.plan.activation_bytes}}
+    assert main(["inspect", str(GOLDEN)]) == 0
+    assert "activations: not recorded" in capsys.readouterr().out
