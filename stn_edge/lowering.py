@@ -75,17 +75,19 @@ _RECONSTRUCT: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], np.nda
 }
 
 
-_ASSEMBLE: dict[str, Callable[[dict[str, Any], int, dict[str, np.ndarray]], dict[str, np.ndarray]]] = {}
-
-
 def assemble(layer: dict[str, Any], level: int, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Factors at ladder ``level`` from the row prefixes read for it.
+    """Factors at ladder ``level`` from the row prefixes read for it: the rows themselves, checked.
 
-    Families whose factors are plain rank-major arrays (svd) use the rows as they are; families
-    that store a core in nested-shell order rebuild the core here.
+    Nothing is copied. Families whose factors are plain rank-major arrays (svd) lower them as they
+    are; a nested-shell core is lowered from its stored rows too, and the lowered graph gathers its
+    cells into the box a Conv or MatMul reads while it runs (:meth:`_Emitter.shell`). So the rows a
+    runtime holds are the only copy of every factor, which is what the planner counts.
+    Raises :class:`ArtifactError` when a nested-shell factor does not hold the cells of a level.
     """
-    fn = _ASSEMBLE.get(layer["family"])
-    return rows if fn is None else fn(layer, level, rows)
+    for name in layer.get("structure", {}).get("shells", {}):
+        if name in rows:
+            _shell_pairs(layer, name, rows[name], level)
+    return dict(rows)
 
 
 #: key of the per-level output correction ``(2, out)``: scale and shift per output channel
@@ -149,7 +151,7 @@ def families() -> list[str]:
 
 def reconstruct(layer: dict[str, Any], factors: dict[str, np.ndarray]) -> np.ndarray:
     """The dense weight of ``layer`` rebuilt from its (truncated) factors, in the node's layout."""
-    return _RECONSTRUCT[layer["family"]](layer, factors).astype(factors["a"].dtype, copy=False)
+    return _RECONSTRUCT[layer["family"]](layer, _boxes(layer, factors)).astype(factors["a"].dtype, copy=False)
 
 
 def lower(graph: Graph, layers: list[dict[str, Any]], held: dict[str, Any]) -> Graph:
@@ -195,9 +197,11 @@ def lower(graph: Graph, layers: list[dict[str, Any]], held: dict[str, Any]) -> G
 
 # --------------------------------------------------------------------------- tensor-network families
 #
-# Storage forms (what ``add_rows`` stores; axis 0 is what a ladder level truncates) and the factors
-# ``assemble`` hands the lowerers. ``a`` is always the input-side factor and ``b`` the output-side one,
-# as for ``svd``. Bonds are listed per ladder level in ``layer["ladder"]["bonds"]``.
+# Storage forms (what ``add_rows`` stores; axis 0 is what a ladder level truncates) and the boxes the
+# lowered ops read. ``a`` is always the input-side factor and ``b`` the output-side one, as for
+# ``svd``. Bonds are listed per ladder level in ``layer["ladder"]["bonds"]``. A lowerer gets the stored
+# rows (``assemble`` copies nothing); "assembled" below is the box a nested-shell factor's rows are
+# gathered into inside the lowered graph, per run (:meth:`_Emitter.shell`).
 #
 # ``svd-spatial`` conv  bonds [r]. ``a (r, C_in, k1)``, ``b (r, C_out, k2)``: a (k1 x 1) Conv C_in->r then a
 #                       (1 x k2) Conv r->C_out (``structure["first"] == "h"``; ``"w"`` swaps the axes).
@@ -225,6 +229,16 @@ def lower(graph: Graph, layers: list[dict[str, Any]], held: dict[str, Any]) -> G
 # in turn, the cells of ``core[:a_j, :b_j]`` not in ``core[:a_{j-1}, :b_{j-1}]``, in row-major (p, q)
 # order; so the first ``a_j * b_j`` stored rows rebuild ``core[:a_j, :b_j]``. ``structure["shells"]``
 # names each nested-shell factor with the indices of its two bonds in ``ladder["bonds"]``.
+#
+# One copy of every factor. The runtime holds the row prefixes it read (``ladder.bytes`` counts
+# exactly those), and the lowered graph's initializers are those arrays or views of them, never a
+# rearranged copy: where an op needs another layout than a view gives (a nested-shell box, a core
+# transposed so that the contraction axes are adjacent), the lowered graph computes it with a
+# Gather / Transpose while it runs, a temporary that lives like an activation and is freed after
+# its reader. A nested-shell box is ``Gather(rows, Gather(table, band) + offset)``: its cell
+# ``(p, q)`` is stored row ``table[p, band[q]] + q`` (:func:`_shell_tables`), and the int32 tables
+# hold (levels + 1) x (rows of the box) + 2 x (columns of the box) numbers, a few per cent of the
+# core's bytes at most (a Gather table of every cell would be 1/9 of a 3x3 core).
 
 
 def _shell_order(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -240,22 +254,66 @@ def _shell_order(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
     return order // b_top, order % b_top
 
 
-def _assemble_shells(layer: dict[str, Any], level: int, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rebuild every nested-shell core of ``layer`` at ``level`` from its stored row prefix."""
-    bonds = layer["ladder"]["bonds"][: level + 1]
-    out = dict(rows)
-    for name, (i, k) in layer["structure"].get("shells", {}).items():
-        pairs = [(b[i], b[k]) for b in bonds]
-        p, q = _shell_order(pairs)
-        a, b = (int(x) for x in pairs[-1])
-        stored = rows[name]
-        if stored.shape[0] != a * b:
-            raise ArtifactError(f"layer {layer['name']!r}: factor {name!r} holds {stored.shape[0]} cells at level {level}, "
-                                f"bonds {a}x{b} need {a * b}")
-        core = np.zeros((a, b) + stored.shape[1:], dtype=stored.dtype)
-        core[p, q] = stored
-        out[name] = core
+def _shell_pairs(layer: dict[str, Any], name: str, rows: np.ndarray, level: int | None = None) -> list[tuple[int, int]]:
+    """``(a_j, b_j)`` of nested-shell factor ``name`` for levels ``0..level``; the level is the one whose
+    cells ``rows`` holds when not given (cell counts rise strictly from level to level)."""
+    bonds = layer["ladder"]["bonds"]
+    i, k = layer["structure"]["shells"][name]
+    pairs = [(int(b[i]), int(b[k])) for b in bonds]
+    n = int(rows.shape[0])
+    if level is None:
+        level = next((j for j, (a, b) in enumerate(pairs) if a * b == n), None)
+        if level is None:
+            raise ArtifactError(f"layer {layer['name']!r}: factor {name!r} holds {n} cells, which no level's bonds "
+                                f"{pairs} make")
+    a, b = pairs[level]
+    if n != a * b:
+        raise ArtifactError(f"layer {layer['name']!r}: factor {name!r} holds {n} cells at level {level}, "
+                            f"bonds {a}x{b} need {a * b}")
+    return pairs[: level + 1]
+
+
+def _box(rows: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
+    """The ``(a, b, *rest)`` core (a new array) whose cells ``rows`` holds in nested-shell order."""
+    p, q = _shell_order(pairs)
+    a, b = pairs[-1]
+    core = np.zeros((a, b) + rows.shape[1:], dtype=rows.dtype)
+    core[p, q] = rows
+    return core
+
+
+def _boxes(layer: dict[str, Any], factors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``factors`` (as :func:`assemble` gives them) with every nested-shell factor rebuilt into its box:
+    the host-side form :func:`reconstruct` computes with."""
+    out = dict(factors)
+    for name in layer.get("structure", {}).get("shells", {}):
+        if name in factors:
+            out[name] = _box(factors[name], _shell_pairs(layer, name, factors[name]))
     return out
+
+
+def _shell_tables(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(table, band, offset)``, int32: cell ``(p, q)`` of the box kept at ``pairs[-1]`` is stored row
+    ``table[p, band[q]] + offset[q]`` in nested-shell order (the inverse of :func:`_shell_order`).
+
+    Shell ``j`` starts at row ``a_{j-1} b_{j-1}``; its rows ``p < a_{j-1}`` hold ``q`` in
+    ``[b_{j-1}, b_j)``, then its rows ``a_{j-1} <= p < a_j`` hold ``q`` in ``[0, b_j)``. A cell lies in
+    the shell of the later of its row's band and its column's band, and its stored row is ``q`` plus
+    something that depends on ``p`` and the column band only: one table entry per (row, column band).
+    """
+    cur = np.array(pairs, dtype=np.int64).reshape(-1, 2)  # (a_j, b_j) per level
+    prev = np.vstack([[0, 0], cur[:-1]])
+    start = prev[:, 0] * prev[:, 1]  # shell j's first stored row
+    p, q = np.arange(cur[-1, 0]), np.arange(cur[-1, 1])
+    row_band = np.searchsorted(cur[:, 0], p, side="right")  # the first level j with p < a_j
+    bands, band = np.unique(np.searchsorted(cur[:, 1], q, side="right"), return_inverse=True)
+    j, k = row_band, bands[None, :]
+    # row p in the shell of its own band, which holds the whole row [0, b_j)
+    whole = start[j] + prev[j, 0] * (cur[j, 1] - prev[j, 1]) + (p - prev[j, 0]) * cur[j, 1]
+    # row p in the shell of a later column band k, which holds [b_{k-1}, b_k) of rows p < a_{k-1}
+    later = start[k] + p[:, None] * (cur[k, 1] - prev[k, 1]) - prev[k, 1]
+    table = np.where(row_band[:, None] < k, later, whole[:, None])
+    return table.astype(np.int32), band.reshape(-1).astype(np.int32), q.astype(np.int32)
 
 
 def _text(value: Any) -> str:
@@ -307,6 +365,27 @@ class _Emitter:
     def transpose(self, x: str, perm: list[int]) -> str:
         return self.op("Transpose", [x], {"perm": list(perm)})
 
+    def shell(self, tag: str, layer: dict[str, Any], f: dict[str, np.ndarray], transposed: bool = False) -> tuple[str, tuple[int, ...]]:
+        """The box of nested-shell factor ``tag``, gathered from its stored rows while the graph runs.
+
+        Returns the value's name and shape: ``(a, b, *rest)``, or ``(b, a, *rest)`` when ``transposed``.
+        The graph holds the rows (the runtime's array) and three small int32 tables, no box.
+        """
+        rows = f[tag]
+        pairs = _shell_pairs(layer, tag, rows)
+        table, band, offset = _shell_tables(pairs)
+        a, b = pairs[-1]
+        if transposed:
+            t = self.op("Gather", [self.const(f"{tag}::table", np.ascontiguousarray(table.T)), self.const(f"{tag}::band", band)],
+                        {"axis": 0})
+            idx = self.op("Add", [t, self.const(f"{tag}::offset", offset.reshape(-1, 1))])
+            shape = (b, a) + tuple(rows.shape[1:])
+        else:
+            t = self.op("Gather", [self.const(f"{tag}::table", table), self.const(f"{tag}::band", band)], {"axis": 1})
+            idx = self.op("Add", [t, self.const(f"{tag}::offset", offset)])
+            shape = (a, b) + tuple(rows.shape[1:])
+        return self.op("Gather", [self.const(tag, rows), idx], {"axis": 0}), shape
+
     def bias(self, x: str, channel_dims: int = 0) -> str:
         """Add the node's bias (its third input) to ``x``; ``channel_dims`` trailing 1s put it on axis 1 of NCHW."""
         if len(self.node.inputs) < 3 or not self.node.inputs[2]:
@@ -330,15 +409,16 @@ def _svd_spatial_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray
     first = 0 if layer["structure"].get("first", "h") == "h" else 1
     e = _Emitter(node, layer)
     k1, k2 = a.shape[2], b.shape[2]
+    r, c_out = b.shape[:2]
+    # a (r, C_in, k1) is the first kernel as a view; b (r, C_out, k2) contracts over (r, k2), which
+    # are not adjacent in it: the kernel (C_out, r, k2) is transposed per run (a temporary, not held)
     if first == 0:
-        w1, w2 = a[:, :, :, None], b.transpose(1, 0, 2)[:, :, None, :]
-        kern1, kern2 = [k1, 1], [1, k2]
+        w1, kern1, kern2, shape2 = a[:, :, :, None], [k1, 1], [1, k2], [c_out, r, 1, k2]
     else:
-        w1, w2 = a[:, :, None, :], b.transpose(1, 0, 2)[:, :, :, None]
-        kern1, kern2 = [1, k1], [k2, 1]
+        w1, kern1, kern2, shape2 = a[:, :, None, :], [1, k1], [k2, 1], [c_out, r, k2, 1]
     mid = e.op("Conv", [node.inputs[0], e.const("a", w1)], _conv_attrs(node.attrs, kern1, (first,)))
-    e.op("Conv", [mid, e.const("b", np.ascontiguousarray(w2))] + _conv_bias(node),
-         _conv_attrs(node.attrs, kern2, (1 - first,)), last=True)
+    w2 = e.reshape(e.transpose(e.const("b", b), [1, 0, 2]), shape2)
+    e.op("Conv", [mid, w2] + _conv_bias(node), _conv_attrs(node.attrs, kern2, (1 - first,)), last=True)
     return e.result()
 
 
@@ -349,13 +429,15 @@ def _svd_spatial_reconstruct(layer: dict[str, Any], f: dict[str, np.ndarray]) ->
 
 
 def _tucker2_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
-    a, core, b = f["a"], f["core"], f["b"]
-    nd = core.ndim - 2
+    a, b = f["a"], f["b"]
+    nd = f["core"].ndim - 1
     ones = [1] * nd
     e = _Emitter(node, layer)
     x = e.op("Conv", [node.inputs[0], e.const("a", a.reshape(a.shape + (1,) * nd))], _conv_attrs(node.attrs, ones, ()))
-    x = e.op("Conv", [x, e.const("core", core)], _conv_attrs(node.attrs, list(core.shape[2:]), tuple(range(nd))))
-    w3 = np.ascontiguousarray(b.T).reshape(b.shape[1], b.shape[0], *ones)
+    core, shape = e.shell("core", layer, f)
+    x = e.op("Conv", [x, core], _conv_attrs(node.attrs, list(shape[2:]), tuple(range(nd))))
+    # b^T reshaped to (C_out, r_out, 1, ...) is a view of the rank-major rows, as for svd
+    w3 = b.T.reshape(b.shape[1], b.shape[0], *ones)
     e.op("Conv", [x, e.const("b", w3)] + _conv_bias(node), _conv_attrs(node.attrs, ones, ()), last=True)
     return e.result()
 
@@ -377,7 +459,7 @@ def _cp_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tup
     x = e.op("Conv", [x, e.const("h", h[:, None, :, None])], {**hv, "group": r})
     wv = _conv_attrs(node.attrs, [1, w.shape[1]], (1,))
     x = e.op("Conv", [x, e.const("w", w[:, None, None, :])], {**wv, "group": r})
-    w4 = np.ascontiguousarray(b.T)[:, :, None, None]
+    w4 = b.T[:, :, None, None]  # a view of the rank-major rows, as for svd
     e.op("Conv", [x, e.const("b", w4)] + _conv_bias(node), _conv_attrs(node.attrs, [1, 1], ()), last=True)
     return e.result()
 
@@ -387,7 +469,7 @@ def _cp_reconstruct(layer: dict[str, Any], f: dict[str, np.ndarray]) -> np.ndarr
 
 
 def _tt_cores(f: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Logical TT-matrix cores ``(r_left, i_k, o_k, r_right)`` from the assembled factors."""
+    """Logical TT-matrix cores ``(r_left, i_k, o_k, r_right)`` from the factors (cores as boxes)."""
     cores = [f["a"].transpose(1, 2, 0)[None]]
     if "core" in f:
         cores.append(f["core"].transpose(0, 2, 3, 1))
@@ -396,23 +478,34 @@ def _tt_cores(f: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def _tt_linear(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
-    """x (lead..., in) through the TT-matrix chain; see the state description in the comments."""
+    """x (lead..., in) through the TT-matrix chain; see the state descriptions in the comments."""
     st = layer["structure"]
     ins, outs = [int(i) for i in st["in_modes"]], [int(o) for o in st["out_modes"]]
-    lead = [0] * (int(st.get("input_rank", 2)) - 1)
-    L = len(lead)
-    cores = _tt_cores(f)
+    L = int(st.get("input_rank", 2)) - 1
     e = _Emitter(node, layer)
-    d = len(cores)
-    # state before core k: (lead, Q_k, P_k, r_{k-1} * i_k), Q_k = prod(i_{k+1:}), P_k = prod(o_{:k-1})
+    a, b = f["a"], f["b"]
+    d = len(ins)
+    # cores 1.. as the matrices (r_{k-1} * i_k, o_k * r_k) a MatMul reads, with r_k: the last is a view
+    # of b (r, i_d, o_d); the middle box (r1, r2, i2, o2) is gathered and transposed per run
+    mats: list[tuple[str, int]] = []
+    if "core" in f:
+        core, (p, q, i, o) = e.shell("core", layer, f)
+        mats.append((e.reshape(e.transpose(core, [0, 2, 3, 1]), [p * i, o * q]), q))
+    mats.append((e.const("b", b.reshape(b.shape[0] * b.shape[1], b.shape[2])), 1))
+    if L == 1:
+        return _tt_linear_rows(e, node, a, mats, ins, outs)
+    # lead axes kept: state before core k is (lead, Q_k, P_k, r_{k-1} * i_k), Q_k = prod(i_{k+1:}),
+    # P_k = prod(o_{:k-1}); core 0 is the matrix (i1, o1 * r1), a transposed per run
+    lead = [0] * L
+    r1 = a.shape[0]
+    mats.insert(0, (e.reshape(e.transpose(e.const("a", a), [1, 2, 0]), [a.shape[1], a.shape[2] * r1]), r1))
     q = int(np.prod(ins[1:]))
     x = e.reshape(node.inputs[0], lead + [ins[0], q])
     x = e.transpose(x, list(range(L)) + [L + 1, L])
     p = 1
-    for k, g in enumerate(cores):
-        rl, i, o, rr = g.shape
-        x = e.op("MatMul", [x, e.const(f"g{k}", np.ascontiguousarray(g.reshape(rl * i, o * rr)))])
-        p *= o
+    for k, (g, rr) in enumerate(mats):
+        x = e.op("MatMul", [x, g])
+        p *= outs[k]
         if k == d - 1:
             break
         nxt = ins[k + 1]
@@ -421,6 +514,32 @@ def _tt_linear(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> t
         x = e.transpose(x, list(range(L)) + [L + 1, L + 2, L + 3, L])
         x = e.reshape(x, lead + [q, p, rr * nxt])
     x = e.reshape(x, lead + [int(np.prod(outs))])
+    e.bias(x)
+    return e.result()
+
+
+def _tt_linear_rows(e: _Emitter, node: Node, a: np.ndarray, mats: list[tuple[str, int]], ins: list[int],
+                    outs: list[int]) -> tuple[list[Node], dict[str, np.ndarray]]:
+    """The TT chain for x (N, in), every core read in place and only 2-D transposes of activations.
+
+    Core 0 is r1 matrices ``a[r] (i1, o1)``: a batched MatMul of the rows (i2..i_d, N) of x. After
+    it the values are ``(r1, i2, [i3..], N, o1)``; core k contracts the two leading axes
+    ``(r_{k-1}, i_k)`` (moved last by one transpose) and leaves ``([i_{k+1}..], N, o_1..o_k, r_k)``,
+    whose leading ``i_{k+1}`` one transpose moves next to ``r_k`` for core k + 1.
+    """
+    d = len(ins)
+    x = e.reshape(node.inputs[0], [-1] + ins)                                # (N, i1, ..., i_d)
+    x = e.transpose(x, list(range(2, d + 1)) + [0, 1])                       # (i2, ..., i_d, N, i1)
+    x = e.reshape(x, [1, -1, ins[0]])
+    x = e.op("MatMul", [x, e.const("a", a)])                                 # (r1, i2, ..., N, o1)
+    x = e.transpose(e.reshape(x, [a.shape[0] * ins[1], -1]), [1, 0])        # ([i3..], N, o1 | r1 i2)
+    for k, (g, rr) in enumerate(mats, start=1):
+        x = e.op("MatMul", [x, g])                                           # ([i_{k+2}..], N, o_1..o_k | o_{k+1} r_{k+1})
+        if k == d - 1:
+            break
+        x = e.transpose(e.reshape(x, [ins[k + 1], -1]), [1, 0])             # ([i_{k+3}..], N, o_1..o_{k+1}, r_{k+1} | i_{k+2})
+        x = e.reshape(x, [-1, rr * ins[k + 1]])
+    x = e.reshape(x, [-1, int(np.prod(outs))])
     e.bias(x)
     return e.result()
 
@@ -445,24 +564,25 @@ def _tt_matrix(f: dict[str, np.ndarray], ins: list[int], outs: list[int]) -> np.
 def _tt_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
     st = layer["structure"]
     (i1, i2), (o1, o2) = st["in_modes"], st["out_modes"]
-    a, core, b = f["a"], f["core"], f["b"]
-    r1, r2 = core.shape[:2]
+    a, b = f["a"], f["b"]
+    r1 = a.shape[0]
     e = _Emitter(node, layer)
+    core, (r2, _, kh, kw) = e.shell("core", layer, f, transposed=True)  # (r2, r1, kh, kw): the kernel Conv's weight
+    g1 = e.reshape(e.transpose(e.const("a", a), [1, 2, 0]), [i1, o1 * r1])  # (i1, o1*r1), per run
     x = e.transpose(node.inputs[0], [0, 2, 3, 1])                       # (N, H, W, C_in)
     x = e.reshape(x, [0, 0, 0, i1, i2])
     x = e.transpose(x, [0, 1, 2, 4, 3])                                 # (N, H, W, i2, i1)
-    x = e.op("MatMul", [x, e.const("a", np.ascontiguousarray(a.transpose(1, 2, 0).reshape(i1, o1 * r1)))])
+    x = e.op("MatMul", [x, g1])
     x = e.reshape(x, [0, 0, 0, i2 * o1 * r1])                           # (N, H, W, i2*o1*r1)
     x = e.transpose(x, [0, 3, 1, 2])
     x = e.reshape(x, [-1, r1, 0, 0])                                    # (N*i2*o1, r1, H, W)
-    x = e.op("Conv", [x, e.const("core", np.ascontiguousarray(core.transpose(1, 0, 2, 3)))],
-             _conv_attrs(node.attrs, list(core.shape[2:]), (0, 1)))
+    x = e.op("Conv", [x, core], _conv_attrs(node.attrs, [kh, kw], (0, 1)))
     x = e.reshape(x, [-1, i2 * o1 * r2, 0, 0])                          # (N, i2*o1*r2, H', W')
     x = e.transpose(x, [0, 2, 3, 1])
     x = e.reshape(x, [0, 0, 0, i2, o1, r2])
     x = e.transpose(x, [0, 1, 2, 4, 5, 3])                              # (N, H', W', o1, r2, i2)
     x = e.reshape(x, [0, 0, 0, o1, r2 * i2])
-    x = e.op("MatMul", [x, e.const("b", np.ascontiguousarray(b.reshape(r2 * i2, o2)))])
+    x = e.op("MatMul", [x, e.const("b", b.reshape(r2 * i2, o2))])       # a view of b (r2, i2, o2)
     x = e.reshape(x, [0, 0, 0, o1 * o2])
     x = e.transpose(x, [0, 3, 1, 2])                                    # (N, C_out, H', W')
     e.bias(x, channel_dims=2)
@@ -480,20 +600,18 @@ def _tt_reconstruct(layer: dict[str, Any], f: dict[str, np.ndarray]) -> np.ndarr
 
 
 def _tr_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
-    a, core, b = f["a"], f["core"], f["b"]
-    r0, r1 = a.shape[:2]
-    r2 = core.shape[1]
-    nd = core.ndim - 2
+    nd = f["core"].ndim - 1
     ones = [1] * nd
     e = _Emitter(node, layer)
-    x = e.op("Conv", [node.inputs[0], e.const("a", a.reshape((r0 * r1, a.shape[2]) + (1,) * nd))],
-             _conv_attrs(node.attrs, ones, ()))
+    a, (r0, r1, c_in) = e.shell("a", layer, f)                          # (r0, r1, C_in)
+    core, (r2, _, *kernel) = e.shell("core", layer, f, transposed=True)  # (r2, r1, *k)
+    b, (_, _, c_out) = e.shell("b", layer, f, transposed=True)         # (r0, r2, C_out)
+    x = e.op("Conv", [node.inputs[0], e.reshape(a, [r0 * r1, c_in] + ones)], _conv_attrs(node.attrs, ones, ()))
     x = e.reshape(x, [-1, r1] + [0] * nd)                               # (N*r0, r1, H, W)
-    x = e.op("Conv", [x, e.const("core", np.ascontiguousarray(core.transpose(1, 0, *range(2, 2 + nd))))],
-             _conv_attrs(node.attrs, list(core.shape[2:]), tuple(range(nd))))
+    x = e.op("Conv", [x, core], _conv_attrs(node.attrs, list(kernel), tuple(range(nd))))
     x = e.reshape(x, [-1, r0 * r2] + [0] * nd)                          # (N, r0*r2, H', W')
-    w3 = np.ascontiguousarray(b.transpose(2, 1, 0)).reshape((b.shape[2], r0 * r2) + (1,) * nd)
-    e.op("Conv", [x, e.const("b", w3)] + _conv_bias(node), _conv_attrs(node.attrs, ones, ()), last=True)
+    w3 = e.reshape(e.transpose(e.reshape(b, [r0 * r2, c_out]), [1, 0]), [c_out, r0 * r2] + ones)
+    e.op("Conv", [x, w3] + _conv_bias(node), _conv_attrs(node.attrs, ones, ()), last=True)
     return e.result()
 
 
@@ -520,12 +638,6 @@ _RECONSTRUCT.update({
     "tt": _tt_reconstruct,
     "tr": _tr_reconstruct,
     "fctn": _tr_reconstruct,
-})
-_ASSEMBLE.update({
-    "tucker2": _assemble_shells,
-    "tt": _assemble_shells,
-    "tr": _assemble_shells,
-    "fctn": _assemble_shells,
 })
 # the factor and axis holding the output channels in storage form: a level's correction scale folds in
 # there (``tt`` splits the output channels over two cores, so it gets the scale as a Mul instead)

@@ -241,7 +241,7 @@ def test_lowered_conv_equals_truncated_conv(decomposed, name, attrs):
 
     d, w = decomposed[name]
     x = RNG.standard_normal((2, w.shape[1], 11, 9)).astype(np.float32)
-    allowed = {"Conv", "MatMul", "Gemm", "Reshape", "Transpose", "Add"}
+    allowed = {"Conv", "MatMul", "Gemm", "Reshape", "Transpose", "Add", "Gather"}  # Gather: nested-shell boxes
     for bias in (True, False):
         g = _conv_graph(w, bias, attrs)
         for j in sorted({0, d.levels - 1}):
@@ -272,8 +272,35 @@ def test_lowered_linear_equals_truncated_linear(decomposed, name):
         for j in sorted({0, d.levels - 1}):
             ref = _run(Graph(g.nodes, g.inputs, g.outputs, dict(inits, W=d.truncated(j))), {"x": x})
             low = lower(g, [layer], {"W": d.factors_at(j)})
-            assert {n.op for n in low.nodes} <= {"MatMul", "Gemm", "Reshape", "Transpose", "Add"}
+            assert {n.op for n in low.nodes} <= {"MatMul", "Gemm", "Reshape", "Transpose", "Add", "Gather"}
             np.testing.assert_allclose(_run(low, {"x": x}), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_lowered_graph_holds_only_the_stored_rows(decomposed, name):
+    """One copy of every factor: the lowered layer's float constants are views of the rows a runtime
+    holds (what the planner counts), so their bytes are no more than the rows'; its other constants
+    are small int tables (nested-shell gathers) and shapes."""
+    from stn_edge.lowering import assemble, lower
+
+    d, w = decomposed[name]
+    if d.kind == "conv":
+        g = _conv_graph(w, True, {"strides": [1, 1], "pads": [1, 1, 1, 1]})
+    else:
+        n_out, n_in = d.shape if d.layout == "out_in" else d.shape[::-1]
+        g = Graph([Node("Gemm", "conv", ["x", "W", "B"], ["y"], {"transB": 1} if d.layout == "out_in" else {})],
+                  [ValueInfo("x", ["n", n_in])], [ValueInfo("y", [])], {"B": np.zeros(n_out, np.float32)})
+    layer = d.layer("W", "conv", "W")
+    for j in sorted({0, d.levels - 1}):
+        rows = {k: v.copy() for k, v in d.rows(j).items()}  # as a runtime reads them: arrays of their own
+        low = lower(g, [layer], {"W": assemble(layer, j, rows)})
+        consts = {k: v for k, v in low.initializers.items() if k not in g.initializers}
+        floats = [v for v in consts.values() if v.dtype.kind == "f"]
+        assert len(floats) >= 2, sorted(consts)  # the layer was lowered
+        assert all(any(np.shares_memory(v, r) for r in rows.values()) for v in floats), name
+        assert sum(v.nbytes for v in floats) <= sum(r.nbytes for r in rows.values())
+        ints = sum(v.nbytes for v in consts.values() if v.dtype.kind != "f")
+        assert ints <= 0.05 * sum(r.nbytes for r in rows.values()) + 1024, (name, j, ints)
 
 
 # --------------------------------------------------------------------------- artifact round trip
