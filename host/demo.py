@@ -96,18 +96,8 @@ def finetune(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 4, lo
     from stn_edge.host.finetune import BudgetSampledFinetuner, recalibrate_batchnorm
 
     ft = BudgetSampledFinetuner(model, budgets=(0.08, 1.0))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    model.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(len(xt))
-        for i in range(0, len(xt), 64):
-            b = perm[i:i + 64]
-            loss = ft.step_loss(lambda m: nn.functional.cross_entropy(m(xt[b]), yt[b]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        log(f"[finetune] epoch {epoch + 1}/{epochs} loss {float(loss.detach()):.3f}")
+    ft.fit(xt, yt, epochs, log=log)
     ft.finish()
     recalibrate_batchnorm(model, (xt[i:i + 128] for i in range(0, len(xt), 128)))
     model.eval()

@@ -108,6 +108,37 @@ class BudgetSampledFinetuner:
                 total = total + loss_fn(m)
         return total
 
+    def fit(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epochs: int = 1,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        batch_size: int = 64,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
+        log: Callable[[str], None] | None = None,
+    ) -> float:
+        """Train on ``(x, y)`` for ``epochs``, shuffled mini-batches, each step through this step's
+        sampled budgets (:meth:`step_loss`). The optimizer defaults to Adam at 1e-3. Returns the
+        last step's loss. Call :meth:`finish` (and :func:`recalibrate_batchnorm`) afterwards.
+        """
+        opt = optimizer or torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.model.train()
+        last = float("nan")
+        for epoch in range(epochs):
+            perm = torch.randperm(len(x))
+            for i in range(0, len(x), batch_size):
+                b = perm[i:i + batch_size]
+                step = self.step_loss(lambda m: loss(m(x[b]), y[b]))
+                opt.zero_grad()
+                step.backward()
+                opt.step()
+                last = float(step.detach())
+            if log:
+                log(f"[finetune] epoch {epoch + 1}/{epochs} loss {last:.3f}")
+        return last
+
     def finish(self) -> None:
         """Remove the parametrizations, leaving plain dense weights for baking."""
         for m in self.modules:

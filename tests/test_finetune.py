@@ -1,7 +1,6 @@
 """Budget-sampled fine-tuning: truncations are exact projections, and training through them helps."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -41,16 +40,7 @@ def test_finetuning_improves_small_budget_accuracy():
     model = quick_train(DigitsMLP(), xtr, ytr, epochs=4)
     ft = BudgetSampledFinetuner(model, budgets=(0.08, 1.0))
     before = _acc_at(ft, model, xte, yte, 0.15)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
-    for epoch in range(2):
-        perm = torch.randperm(len(xt))
-        for i in range(0, len(xt), 64):
-            b = perm[i:i + 64]
-            loss = ft.step_loss(lambda m: nn.functional.cross_entropy(m(xt[b]), yt[b]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    ft.fit(torch.from_numpy(xtr), torch.from_numpy(ytr), epochs=2)
     after = _acc_at(ft, model, xte, yte, 0.15)
     full = _acc_at(ft, model, xte, yte, 1.0)
     # measured: 0.69 -> 0.91 at 15% of the bytes after two epochs
