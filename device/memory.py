@@ -85,8 +85,8 @@ class EngineMemory:
 #: and 3.2 covers the peak while a CNN's session is built (~3.1: NCHWc reorders the filters); an
 #: MLP peaks at 2.0. An onnxruntime too old to borrow declares its own cost (EMBEDDED_MEMORY).
 ENGINE_MEMORY: dict[str, EngineMemory] = {
-    "numpy": EngineMemory(weight_copies=1.0, fixed_bytes=2 << 20, activation_copies=1.1),
-    "onnxruntime": EngineMemory(weight_copies=3.2, fixed_bytes=16 << 20, workspace=False),
+    "numpy": EngineMemory(weight_copies=1.0, fixed_bytes=2 << 20, activation_copies=1.25),
+    "onnxruntime": EngineMemory(weight_copies=3.2, fixed_bytes=16 << 20, activation_copies=2.0, workspace=False),
 }
 #: engines not measured yet are assumed to keep two copies (theirs and the runtime's)
 UNMEASURED_ENGINE = EngineMemory(weight_copies=2.0, fixed_bytes=64 << 20)
