@@ -83,7 +83,7 @@ def bake(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     levels: int = 32,
-    structure: str | Sequence[str] = "svd",
+    structure: str | Sequence[str] = "auto",
     importance: str = "data",
     min_bytes: int = 4096,
     score_samples: int = 128,
@@ -100,12 +100,11 @@ def bake(
         truncation level by its effect on the output, and whose first samples are stored in the
         artifact with reference outputs. Defaults to ``example_inputs``.
     levels : truncation levels per layer in the ladder (at most).
-    structure : ``"svd"`` (default: truncated SVD of the output matricization for every layer,
-        the fastest bake), ``"auto"`` (search the decomposition structure per layer among
-        :data:`stn_edge.host.structure.FAMILIES`: the most accuracy per byte, see docs/RESULTS.md),
-        or a list of family names to choose from. ``"auto"`` is not the default yet: some
-        families' lowerings make contiguous copies on the numpy backend, which the memory
-        accounting does not count (docs/RELIABILITY.md).
+    structure : ``"auto"`` (default: search the decomposition structure per layer among
+        :data:`stn_edge.host.structure.FAMILIES`, the most accuracy per byte, see docs/RESULTS.md;
+        every family holds one copy of its factors on the device, as ``mem_limit`` counts them),
+        ``"svd"`` (truncated SVD of the output matricization for every layer: the fastest bake,
+        several times faster than the search), or a list of family names to choose from.
     importance : ``"data"`` (measured output error) or ``"spectral"`` (discarded singular energy).
     score_samples : calibration samples used to score truncation levels (the first ones).
     correct : store, per level, the per-channel output scale and shift that restore the full-rank

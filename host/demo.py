@@ -138,8 +138,9 @@ def run_demo(budgets=("100%", "50%", "25%", "10%"), backend: str = "auto", out: 
         dense_acc = float((model(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean())
     log(f"[demo] dense PyTorch accuracy {dense_acc:.1%}")
     path = Path(out) if out else Path(tempfile.mkdtemp(prefix="stn-demo-")) / "digits.stn"
+    # structure search per layer: the most accuracy per byte, for ~25 s more bake (docs/RESULTS.md, 1)
     report = bake(model, torch.from_numpy(xtr[:1]), path, calibration=torch.from_numpy(xtr[:256]), score_samples=64,
-                  progress=not quiet)
+                  structure="auto", progress=not quiet)
     rows = []
     for budget in budgets:
         try:

@@ -193,12 +193,26 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _structure(text: str) -> str | list[str]:
+    """``--structure``: ``auto``, one family, or a comma-separated list of families."""
+    from stn_edge.host.structure import FAMILIES
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if names == ["auto"]:
+        return "auto"
+    unknown = [n for n in names if n not in FAMILIES]
+    if not names or unknown:
+        raise InputError(f"--structure {text!r}: unknown families {unknown}; use auto, or some of {', '.join(FAMILIES)}")
+    return names[0] if len(names) == 1 else names
+
+
 def cmd_bake(args: argparse.Namespace) -> int:
     import torch
 
     from stn_edge.errors import CaptureError
     from stn_edge.host import bake
 
+    structure = _structure(args.structure)
     if args.model.endswith(".onnx"):
         model: Any = args.model
         example = None
@@ -229,11 +243,13 @@ def cmd_bake(args: argparse.Namespace) -> int:
         calibration = tuple(torch.from_numpy(np.load(p, allow_pickle=False)) for p in args.calibration)
     if isinstance(model, str):
         report = bake(model, None, args.output, calibration=calibration or tuple(torch.randn(*s) for s in shapes) or None,
-                      levels=args.levels, importance=args.importance, progress=not args.json)
+                      levels=args.levels, structure=structure, importance=args.importance,
+                      progress=not args.json)
     else:
         example = tuple(torch.randn(*s) for s in shapes)
         report = bake(model, example if len(example) > 1 else example[0], args.output, calibration=calibration,
-                      levels=args.levels, importance=args.importance, progress=not args.json)
+                      levels=args.levels, structure=structure, importance=args.importance,
+                      progress=not args.json)
     data = {"path": report.path, "artifact_bytes": report.artifact_bytes, "full_bytes": report.full_bytes,
             "seconds": report.seconds, "layers": [vars(l) for l in report.layers], "skipped": [vars(s) for s in report.skipped]}
     _emit(args, data, report.summary())
@@ -326,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calibration", action="append", help=".npy file of calibration inputs (repeat per input)")
     sp.add_argument("-o", "--output", required=True, help="artifact path to write")
     sp.add_argument("--levels", type=int, default=32, help="truncation levels per layer (default 32)")
+    sp.add_argument("--structure", default="auto",
+                    help="auto (default: search the decomposition per layer), svd (fastest bake), or a "
+                         "comma-separated list of families to search among, e.g. svd,tucker2")
     sp.add_argument("--importance", choices=("data", "spectral"), default="data")
     common(sp)
     sp.set_defaults(func=cmd_bake)

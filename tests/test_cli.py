@@ -118,6 +118,13 @@ def test_bake_from_module_factory_and_onnx(tmp_path):
     assert "random calibration inputs" in res.stderr
 
 
+def test_bake_unknown_structure_is_input_error(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "stn_edge.cli", "bake", "no_such_module:make", "--input-shape", "1,3",
+                          "--structure", "svd,nope", "-o", str(tmp_path / "x.stn")], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 6 and "'nope'" in res.stderr and "auto" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_bake_bad_factory_is_capture_error(tmp_path):
     res = subprocess.run([sys.executable, "-m", "stn_edge.cli", "bake", "no_such_module:make", "--input-shape", "1,3",
                           "-o", str(tmp_path / "x.stn")], capture_output=True, text=True, timeout=300)

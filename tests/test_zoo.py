@@ -268,8 +268,11 @@ class ConvThen(torch.nn.Module):
 def _bake_conv_then(op: str, path: Path) -> Path:
     torch.manual_seed(0)
     x = torch.randn(4, 8, 6, 6)
-    # correct=False: the bake-time correction step runs the graph with the numpy backend
-    bake(ConvThen(op).eval(), x[:1], path, calibration=x, importance="spectral", correct=False, progress=False)
+    # correct=False: the bake-time correction step runs the graph with the numpy backend. SVD: the
+    # searched structure (CP) has a level on the 25% boundary exactly, which onnxruntime's counted
+    # budget (x 3.2, rounded) misses by a byte, so its plan would differ from the other engines'
+    bake(ConvThen(op).eval(), x[:1], path, calibration=x, importance="spectral", correct=False, progress=False,
+         structure="svd")
     return path
 
 

@@ -7,6 +7,7 @@ reads ``VmRSS`` again; the peak comes from ``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``.
 
     python tools/measure_memory.py                          # bake the demo MLP, print the table
+    python tools/measure_memory.py --structure auto         # the demo MLP with the searched structure
     python tools/measure_memory.py --artifact model.stn --backends numpy onnxruntime
     python tools/measure_memory.py --probe model.stn --backend numpy --mem-limit 50% --json
 
@@ -95,10 +96,12 @@ def probe_in_subprocess(artifact: str | os.PathLike, backend: str, mem_limit: st
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bake_demo(path: str | os.PathLike, correct: bool = True) -> Path:
+def bake_demo(path: str | os.PathLike, correct: bool = True, structure: str = "svd") -> Path:
     """The model of the memory table: 4 x Linear(1024, 1024) + ReLU, then Linear(1024, 16) (~16 MiB).
 
     ``correct=False`` skips the per-level output corrections: a 6x faster bake, for tests.
+    ``structure``: SVD by default, as the table was measured; ``"auto"`` bakes the searched structure
+    (tensor-train for most layers).
     """
     import torch
 
@@ -108,7 +111,7 @@ def bake_demo(path: str | os.PathLike, correct: bool = True) -> Path:
     layers = [m for _ in range(4) for m in (torch.nn.Linear(1024, 1024), torch.nn.ReLU())]
     model = torch.nn.Sequential(*layers, torch.nn.Linear(1024, 16))
     bake(model, torch.randn(2, 1024), path, calibration=torch.randn(16, 1024), importance="spectral", progress=False,
-         correct=correct)
+         correct=correct, structure=structure)
     return Path(path)
 
 
@@ -126,8 +129,10 @@ def bake_cnn(path: str | os.PathLike, channels: int = 64, size: int = 32) -> Pat
         torch.nn.Conv2d(3, c, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(),
         torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
         torch.nn.Linear(c, 10))
+    # SVD: every conv keeps an im2col over all its input channels, so the activations stay large at
+    # every budget (the structure search would pick CP here, whose low ranks need far less)
     bake(model, torch.randn(2, 3, size, size), path, calibration=torch.randn(8, 3, size, size), importance="spectral",
-         progress=False, correct=False)
+         progress=False, correct=False, structure="svd")
     return Path(path)
 
 
@@ -140,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe", metavar="ARTIFACT", help="measure once, in this process")
     ap.add_argument("--artifact", help="artifact for the table (default: bake the demo MLP)")
     ap.add_argument("--cnn", action="store_true", help="bake the conv model of bake_cnn instead (activations dominate)")
+    ap.add_argument("--structure", default="svd", help="the demo MLP's bake structure: svd (the table's) or auto")
     ap.add_argument("--backend", default="numpy")
     ap.add_argument("--backends", nargs="+", default=["numpy", "onnxruntime"])
     ap.add_argument("--mem-limit", default="100%")
@@ -152,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result) if args.json else result)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = args.artifact or (bake_cnn if args.cnn else bake_demo)(Path(tmp) / "model.stn")
+        path = Path(tmp) / "model.stn"
+        artifact = args.artifact or (bake_cnn(path) if args.cnn else bake_demo(path, structure=args.structure))
         print(f"batch {args.batch}")
         print(f"{'backend':12} {'mem_limit':9} {'limit MiB':>9} {'weights':>8} {'acts':>8} {'load':>8} {'1st run':>8} "
               f"{'peak':>8} {'const':>6}  within")
