@@ -483,9 +483,7 @@ def auto_path(tmp_path_factory) -> Path:
     return path
 
 
-# torch is left out: its first run of a convolution allocates ~8-10 MiB (oneDNN), above the 8 MiB
-# constant it declares, for SVD artifacts as much as for searched ones (docs/RELIABILITY.md).
-@pytest.mark.parametrize("backend", ["numpy", "onnxruntime", "tflite"])
+@pytest.mark.parametrize("backend", sorted(KNOWN_BACKENDS))
 def test_memory_growth_stays_within_mem_limit_with_structure_auto(auto_path, backend):
     """The families the structure search picks hold one copy of each factor, as the plan counts:
     nested-shell cores are gathered per run (an activation), not assembled into a second copy."""
