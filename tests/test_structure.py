@@ -96,3 +96,21 @@ def test_error_at_is_a_step_function():
     assert error_at([10, 20, 30], [0.5, 0.3, 0.1], 5) == 1.0
     assert error_at([10, 20, 30], [0.5, 0.3, 0.1], 25) == 0.3
     assert error_at([10, 20, 30], [0.5, 0.3, 0.1], 1e9) == 0.1
+
+
+def test_search_does_not_depend_on_the_machines_speed(monkeypatch):
+    """The chosen structure and its factors are the same on a machine 1000x slower (a clock that
+    jumps a second per read): the fits run a fixed number of sweeps, not until a deadline."""
+    import itertools
+    import time
+
+    w = noisy(planted_tucker2(24, 20, 4, 3)).astype(np.float32)
+    fast, fast_report = choose_structure(conv_candidate(), w, levels=8)
+    ticks = itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(ticks)))
+    slow, slow_report = choose_structure(conv_candidate(), w, levels=8)
+    assert slow.family == fast.family
+    scores = lambda report: [(c["name"], c.get("score")) for c in report]  # noqa: E731
+    assert scores(slow_report) == scores(fast_report)
+    for k in fast.factors:
+        np.testing.assert_array_equal(slow.factors[k], fast.factors[k])

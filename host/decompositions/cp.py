@@ -143,16 +143,22 @@ def greedy_order(x: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
     return np.asarray(order)
 
 
-def fit_cp(w: np.ndarray, rank: int, iters: int = 30, seconds: float = 5.0, ridge: float = 1e-4,
+def _deadline(seconds: float | None) -> float:
+    """``perf_counter`` time to stop at: ``seconds`` from now, or never (None)."""
+    return math.inf if seconds is None else time.perf_counter() + seconds
+
+
+def fit_cp(w: np.ndarray, rank: int, iters: int = 30, seconds: float | None = None, ridge: float = 1e-4,
            order: str = "greedy", seed: int = 0) -> list[np.ndarray]:
     """Rank-``rank`` CP of ``w (C_out, C_in, kh, kw)``: ``[B (o,R), A (i,R), H (kh,R), V (kw,R)]`` in float64.
 
     Components come in ``order``: ``"greedy"`` (each next one lowers the error most, see
     :func:`greedy_order`) or ``"lambda"`` (by weight). Columns are balanced: column ``r`` of every
-    factor has norm ``lambda_r ** (1/4)``.
+    factor has norm ``lambda_r ** (1/4)``. ``seconds`` caps the ALS sweeps by wall-clock time (the
+    result then depends on the machine's load); None runs all ``iters``, reproducibly.
     """
     x = w.astype(np.float64)
-    deadline = time.perf_counter() + seconds
+    deadline = _deadline(seconds)
     factors = _als(x, _svd_start(x, rank, np.random.default_rng(seed)), iters, deadline, ridge)
     norms = np.stack([np.linalg.norm(f, axis=0) for f in factors])      # (4, R)
     lam = np.prod(norms, axis=0)
@@ -163,20 +169,23 @@ def fit_cp(w: np.ndarray, rank: int, iters: int = 30, seconds: float = 5.0, ridg
     return [f[:, idx] for f in factors]
 
 
-def fit_cp_nested(w: np.ndarray, ranks: list[int], iters: int = 30, seconds: float = 5.0,
+def fit_cp_nested(w: np.ndarray, ranks: list[int], iters: int = 30, seconds: float | None = None,
                   ridge: float = 1e-4, seed: int = 0) -> list[np.ndarray]:
     """CP fitted block by block along the ladder: components ``[r_{j-1}, r_j)`` are an ALS fit of the
     residual left by the earlier ones, which stay fixed. Nested by construction, and every prefix
     error is at most the previous one (each block's first least-squares step can only lower it)."""
     x = w.astype(np.float64)
     rng = np.random.default_rng(seed)
-    t_end = time.perf_counter() + seconds
+    t_end = _deadline(seconds)
     residual = x.copy()
     blocks: list[list[np.ndarray]] = []
     start = 0
     for n, r in enumerate(ranks):
-        left = max(t_end - time.perf_counter(), 0.0)
-        deadline = time.perf_counter() + left * (r - start) / max(ranks[-1] - start, 1)
+        if math.isinf(t_end):
+            deadline = t_end
+        else:
+            left = max(t_end - time.perf_counter(), 0.0)
+            deadline = time.perf_counter() + left * (r - start) / max(ranks[-1] - start, 1)
         f = _als(residual, _svd_start(residual, r - start, rng), iters, deadline, ridge)
         residual -= np.einsum("or,ir,yr,xr->oiyx", *f, optimize=True)
         blocks.append(f)
@@ -189,7 +198,7 @@ def fit_cp_nested(w: np.ndarray, ranks: list[int], iters: int = 30, seconds: flo
 
 
 def decompose_cp(w: np.ndarray, levels: int = 32, max_rank: int | None = None, max_work: float = MAX_WORK,
-                 iters: int = 30, seconds: float = 5.0, order: str = "nested") -> Decomposition:
+                 iters: int = 30, seconds: float | None = None, order: str = "nested") -> Decomposition:
     """CP of a 2-D conv weight at rank ``min(break-even, max_rank, max_work / |W|)`` (at least 8)."""
     if w.ndim != 4:
         raise ValueError(f"cp needs a 2-D conv weight (C_out, C_in, kh, kw), got shape {w.shape}")

@@ -49,7 +49,7 @@ def edge_ranks(spectra: list[np.ndarray], tau: float) -> tuple[int, int, int]:
 
 
 def decompose_fctn(w: np.ndarray, levels: int = 32, target: float = 0.5, sweeps: int = 4,
-                   seconds: float = 5.0) -> Decomposition:
+                   seconds: float | None = None) -> Decomposition:
     """FCTN of a conv weight ``(C_out, C_in, *k)`` with edges chosen by spectral pruning at ``target``."""
     if w.ndim < 3:
         raise ValueError(f"fctn needs a conv weight (C_out, C_in, *k), got shape {w.shape}")

@@ -105,10 +105,10 @@ def ring_contract(cores: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def ring_decomposition(family: str, w: np.ndarray, ranks: tuple[int, int, int], levels: int,
-                       sweeps: int, seconds: float, structure: dict, t0: float, notes: str = "") -> Decomposition:
+                       sweeps: int, seconds: float | None, structure: dict, t0: float, notes: str = "") -> Decomposition:
     """Fit a ring at bonds ``ranks = (r0, r1, r2)``, order it, and build its ladder."""
     x = ring_tensor(w.astype(np.float64))
-    deadline = time.perf_counter() + seconds
+    deadline = math.inf if seconds is None else time.perf_counter() + seconds  # None: reproducible
     cores = ring_als(x, tr_svd(x, *ranks), sweeps, deadline)
     cores, spectra = ring_gauge(cores)
     full = tuple(c.shape[0] for c in cores)                                 # (r0, r1, r2)
@@ -138,7 +138,7 @@ def ring_decomposition(family: str, w: np.ndarray, ranks: tuple[int, int, int], 
 
 
 def decompose_tr(w: np.ndarray, levels: int = 32, r0: int = 2, target: float = 0.5, sweeps: int = 4,
-                 seconds: float = 5.0) -> Decomposition:
+                 seconds: float | None = None) -> Decomposition:
     """Tensor ring of a conv weight ``(C_out, C_in, *k)`` with closure bond ``r0`` and top level at about
     ``target`` of the dense bytes (``r_1``, ``r_2`` scaled together from the exact TR-SVD ranks)."""
     if w.ndim < 3:
