@@ -97,10 +97,11 @@ _OUTPUT_FACTOR: dict[str, tuple[str, int]] = {"svd": ("b", 1)}
 
 
 def apply_correction(layer: dict[str, Any], factors: dict[str, np.ndarray], corr: np.ndarray) -> dict[str, np.ndarray]:
-    """Factors with the level's output ``scale`` folded in (new arrays), plus the correction itself.
+    """Factors with the level's output ``scale`` folded in, plus the correction itself.
 
-    ``factors`` must be arrays this call may own. Families without an output factor keep their
-    factors and get the scale as one Mul after the layer (see :func:`lower`).
+    ``factors`` must be arrays this call may own: the output factor is scaled in place, so a load
+    never holds a scaled and an unscaled copy of it at once. Families without an output factor keep
+    their factors and get the scale as one Mul after the layer (see :func:`lower`).
     """
     out = dict(factors)
     spec = _OUTPUT_FACTOR.get(layer["family"])
@@ -108,7 +109,7 @@ def apply_correction(layer: dict[str, Any], factors: dict[str, np.ndarray], corr
         name, axis = spec
         shape = [1] * out[name].ndim
         shape[axis] = -1
-        out[name] = out[name] * corr[0].reshape(shape)
+        np.multiply(out[name], corr[0].reshape(shape), out=out[name], casting="same_kind")
     out[CORRECTION] = corr
     return out
 
