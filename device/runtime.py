@@ -21,7 +21,7 @@ from stn_edge.device.remote import HttpSource, is_url
 from stn_edge.errors import ArtifactError, BackendError, BudgetError, InputError
 from stn_edge.format import ArtifactReader
 from stn_edge.graph import DTYPES, Graph, graph_from_dict
-from stn_edge.lowering import CORRECTION, apply_correction, assemble, corrected_factor, lower
+from stn_edge.lowering import CORRECTION, apply_correction, assemble, assembled_shapes, corrected_factor, lower, stored_rows
 from stn_edge.plan import PLANNERS, Plan, ladder_specs, plan_ranks
 
 #: engines tried by ``backend="auto"``, in order, with why. Measured on a 2-core x86 CPU
@@ -213,9 +213,10 @@ class Runtime:
         """What :meth:`_hold` would hold for ``choice``, as memory-free placeholders."""
         if choice.dense:
             return _placeholder(layer["dense"]["shape"], layer["dense"]["dtype"])
-        rows = {k: _placeholder([ref["row_ends"][choice.level]] + list(ref["shape"][1:]), ref["dtype"])
-                for k, ref in layer["factors"].items()}
-        out = assemble(layer, choice.level, rows)
+        refs = layer["factors"]
+        shapes = assembled_shapes(layer, choice.level, {k: [ref["row_ends"][choice.level]] + list(ref["shape"][1:])
+                                                        for k, ref in refs.items()})
+        out = {k: _placeholder(shape, refs[k]["dtype"]) for k, shape in shapes.items()}
         if "corrections" in layer:
             ref = layer["corrections"]
             out[CORRECTION] = _placeholder(ref["shape"][1:], ref["dtype"])
@@ -237,12 +238,9 @@ class Runtime:
             if self._tensors is None:
                 self._tensors = {k: self._reader.read_array(r) for k, r in self.header["tensors"].items()}
             held = {layer["name"]: self._hold(layer, moves[layer["name"]]) for layer in self.layers}
-            arrays = {
-                layer["name"]: data if level is None else _assembled(layer, level, data)
-                for layer, (level, data) in zip(self.layers, held.values())
-            }
             graph = lower(Graph(self._template.nodes, self._template.inputs, self._template.outputs,
-                                self._tensors, self._template.opset), self.layers, arrays)
+                                self._tensors, self._template.opset), self.layers,
+                          {name: data for name, (_, data) in held.items()})
             exe = self._backend.prepare(graph, self.device)
             self._held, self._exe, self.plan, self._lowered = held, exe, plan, graph
         release_free_memory()  # what the old plan held leaves the process's RSS, not only Python's heap
@@ -282,7 +280,13 @@ class Runtime:
         return moves
 
     def _hold(self, layer: dict[str, Any], move: "_Move") -> tuple[int | None, Any]:
-        """``(level, data)`` after ``move``: the dense weight (level None) or each factor's row prefix."""
+        """``(level, data)`` after ``move``: the dense weight (level None) or each factor as
+        :func:`~stn_edge.lowering.assemble` holds it at the level (plus the level's correction).
+
+        The row prefixes of what is held come back from it (:func:`~stn_edge.lowering.stored_rows`)
+        to be extended by the rows read or trimmed; the new level is assembled from them afresh, so
+        what is held after any sequence of moves is what a fresh load holds, bit for bit.
+        """
         old_level, old = self._held.get(layer["name"], (None, None))
         if move.level is None:
             return None, old if not move.reads else self._reader.read_array(layer["dense"])
@@ -290,19 +294,26 @@ class Runtime:
             return old_level, old
         want = move.level + 1
         refs = layer["factors"]
+        kept = {k for k, start in move.factors.items() if start > 0}
+        old_rows = stored_rows(layer, old_level, {k: old[k] for k in kept}) if kept else {}
         rows = {}
         for k, ref in refs.items():
             start = move.factors[k]
             if start == 0:
                 rows[k] = self._reader.read_rows(ref, 0, want)
-            elif start >= want:  # a shorter prefix of what is held: copied so the rest is freed
-                rows[k] = old[k][: ref["row_ends"][want - 1]].copy()
+            elif start >= want:  # a shorter prefix of what is held
+                rows[k] = old_rows[k][: ref["row_ends"][want - 1]]
             else:
-                rows[k] = np.concatenate([old[k], self._reader.read_rows(ref, start, want)])
+                rows[k] = np.concatenate([old_rows[k], self._reader.read_rows(ref, start, want)])
+        del old_rows
         if "corrections" in layer:
             corr = self._reader.read_rows(layer["corrections"], move.level, want)[0]
             rows = apply_correction(layer, rows, corr)
-        return move.level, rows
+        held = assemble(layer, move.level, rows)
+        for k in kept:  # a prefix still in an old array would keep all of it alive: copied, so the rest is freed
+            if np.may_share_memory(held[k], old[k]):
+                held[k] = held[k].copy()
+        return move.level, held
 
     def lowered_graph(self) -> Graph:
         """The plain-op graph the backend runs for the current plan (factors at the planned ranks).
@@ -440,12 +451,6 @@ def _batch_axis(shape: list[int | str]) -> bool:
 def _placeholder(shape: list[int], dtype: str) -> np.ndarray:
     """A read-only array of ``shape`` whose elements all share one byte of storage (value 1)."""
     return np.broadcast_to(np.ones((), dtype=DTYPES[dtype]), tuple(int(d) for d in shape))
-
-
-def _assembled(layer: dict[str, Any], level: int, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    factors = {k: v for k, v in data.items() if k != CORRECTION}
-    out = assemble(layer, level, factors)
-    return {**out, CORRECTION: data[CORRECTION]} if CORRECTION in data else out
 
 
 def relative_error(x: np.ndarray, ref: np.ndarray) -> float:

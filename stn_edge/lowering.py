@@ -76,18 +76,72 @@ _RECONSTRUCT: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], np.nda
 
 
 def assemble(layer: dict[str, Any], level: int, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Factors at ladder ``level`` from the row prefixes read for it: the rows themselves, checked.
+    """Factors at ladder ``level`` as a runtime holds them and the lowered graph reads them, from the
+    row prefixes read for that level.
 
-    Nothing is copied. Families whose factors are plain rank-major arrays (svd) lower them as they
-    are; a nested-shell core is lowered from its stored rows too, and the lowered graph gathers its
-    cells into the box a Conv or MatMul reads while it runs (:meth:`_Emitter.shell`). So the rows a
-    runtime holds are the only copy of every factor, which is what the planner counts.
+    A factor whose stored layout is the one its op reads (every ``svd`` factor, most rank-major
+    factors) is the rows array itself, not copied. A nested-shell core is rebuilt into its box, and a
+    factor an op reads with other axes adjacent is transposed, each into one new C-contiguous array
+    (:func:`_held_axes`): the same cells, so the same bytes as the rows, and the lowered graph reads
+    it as a constant an engine can pre-pack. The rows are not kept: the result is the one copy of
+    every factor, and :func:`stored_rows` gives the rows back when a rescale needs them.
     Raises :class:`ArtifactError` when a nested-shell factor does not hold the cells of a level.
     """
-    for name in layer.get("structure", {}).get("shells", {}):
-        if name in rows:
-            _shell_pairs(layer, name, rows[name], level)
-    return dict(rows)
+    shells = layer.get("structure", {}).get("shells", {})
+    out = {}
+    for name, r in rows.items():
+        axes = _held_axes(layer, name, r.ndim + (name in shells))
+        if name in shells:
+            pairs = _shell_pairs(layer, name, r, level)
+            a, b = pairs[-1]
+            box_shape = (a, b) + r.shape[1:]
+            held = np.empty(tuple(box_shape[k] for k in axes) if axes else box_shape, dtype=r.dtype)
+            p, q = _shell_order(pairs)
+            _canonical_view(held, axes)[p, q] = r  # every cell is one stored row: nothing is left unset
+            out[name] = held
+        else:
+            out[name] = r if axes is None else np.ascontiguousarray(r.transpose(axes))
+    return out
+
+
+def stored_rows(layer: dict[str, Any], level: int, held: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The row prefixes :func:`assemble` built ``held`` from at ``level``, bit for bit: ``held``'s own
+    arrays or views of them where the runtime holds the stored layout, new arrays for nested-shell
+    cores (the cells gathered back into nested-shell order)."""
+    shells = layer.get("structure", {}).get("shells", {})
+    out = {}
+    for name, h in held.items():
+        canon = _canonical_view(h, _held_axes(layer, name, h.ndim))
+        if name in shells:
+            i, k = shells[name]
+            pairs = [(int(b[i]), int(b[k])) for b in layer["ladder"]["bonds"][: level + 1]]
+            if canon.shape[:2] != pairs[-1]:
+                raise ArtifactError(f"layer {layer['name']!r}: factor {name!r} is held as a {canon.shape[:2]} box, "
+                                    f"level {level} has bonds {pairs[-1]}")
+            p, q = _shell_order(pairs)
+            canon = canon[p, q]
+        out[name] = canon
+    return out
+
+
+def assembled_shapes(layer: dict[str, Any], level: int, rows: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The shapes :func:`assemble` gives factors whose row prefixes at ``level`` have shapes ``rows``."""
+    shells = layer.get("structure", {}).get("shells", {})
+    out = {}
+    for name, shape in rows.items():
+        shape = tuple(int(d) for d in shape)
+        if name in shells:
+            i, k = shells[name]
+            bonds = layer["ladder"]["bonds"][level]
+            shape = (int(bonds[i]), int(bonds[k])) + shape[1:]
+        axes = _held_axes(layer, name, len(shape))
+        out[name] = shape if axes is None else tuple(shape[k] for k in axes)
+    return out
+
+
+def _canonical_view(held: np.ndarray, axes: tuple[int, ...] | None) -> np.ndarray:
+    """A view of ``held`` with its factor's canonical axes (the box's, or the stored rows')."""
+    return held if axes is None else held.transpose(np.argsort(axes))
 
 
 #: key of the per-level output correction ``(2, out)``: scale and shift per output channel
@@ -151,8 +205,10 @@ def families() -> list[str]:
 
 
 def reconstruct(layer: dict[str, Any], factors: dict[str, np.ndarray]) -> np.ndarray:
-    """The dense weight of ``layer`` rebuilt from its (truncated) factors, in the node's layout."""
-    return _RECONSTRUCT[layer["family"]](layer, _boxes(layer, factors)).astype(factors["a"].dtype, copy=False)
+    """The dense weight of ``layer`` rebuilt from its (truncated) factors as :func:`assemble` gives them,
+    in the node's layout."""
+    canonical = {k: _canonical_view(v, _held_axes(layer, k, v.ndim)) for k, v in factors.items()}
+    return _RECONSTRUCT[layer["family"]](layer, canonical).astype(factors["a"].dtype, copy=False)
 
 
 def lower(graph: Graph, layers: list[dict[str, Any]], held: dict[str, Any]) -> Graph:
@@ -198,31 +254,32 @@ def lower(graph: Graph, layers: list[dict[str, Any]], held: dict[str, Any]) -> G
 
 # --------------------------------------------------------------------------- tensor-network families
 #
-# Storage forms (what ``add_rows`` stores; axis 0 is what a ladder level truncates) and the boxes the
-# lowered ops read. ``a`` is always the input-side factor and ``b`` the output-side one, as for
-# ``svd``. Bonds are listed per ladder level in ``layer["ladder"]["bonds"]``. A lowerer gets the stored
-# rows (``assemble`` copies nothing); "assembled" below is the box a nested-shell factor's rows are
-# gathered into inside the lowered graph, per run (:meth:`_Emitter.shell`).
+# Storage forms (what ``add_rows`` stores; axis 0 is what a ladder level truncates), the form the
+# runtime holds (what :func:`assemble` makes of the rows, :func:`_held_axes`) and the ops that read it.
+# ``a`` is always the input-side factor and ``b`` the output-side one, as for ``svd``. Bonds are listed
+# per ladder level in ``layer["ladder"]["bonds"]``. "Box" is a nested-shell core rebuilt as an array.
 #
-# ``svd-spatial`` conv  bonds [r]. ``a (r, C_in, k1)``, ``b (r, C_out, k2)``: a (k1 x 1) Conv C_in->r then a
-#                       (1 x k2) Conv r->C_out (``structure["first"] == "h"``; ``"w"`` swaps the axes).
+# ``svd-spatial`` conv  bonds [r]. ``a (r, C_in, k1)``, ``b (r, C_out, k2)``, held ``(C_out, r, k2)``: a
+#                       (k1 x 1) Conv C_in->r then a (1 x k2) Conv r->C_out (``structure["first"] == "h"``;
+#                       ``"w"`` swaps the axes).
 # ``tucker2``   conv    bonds [r_out, r_in]. ``a (r_in, C_in)``, ``b (r_out, C_out)`` rank-major; ``core``
-#                       nested-shell over (r_out, r_in), assembled ``(r_out, r_in, *k)``: 1x1 Conv, the
-#                       kernel Conv (stride/pads/dilations), 1x1 Conv + bias.
+#                       nested-shell over (r_out, r_in), held as its box ``(r_out, r_in, *k)``: 1x1 Conv,
+#                       the kernel Conv (stride/pads/dilations), 1x1 Conv + bias.
 # ``cp``        conv    bonds [R]. ``a (R, C_in)``, ``h (R, kh)``, ``w (R, kw)``, ``b (R, C_out)``: 1x1 Conv,
 #                       depthwise (kh x 1) Conv, depthwise (1 x kw) Conv, 1x1 Conv + bias.
 # ``tt``        linear  modes in = prod(i_k), out = prod(o_k), k = 1..d (d = 2 or 3), bonds [r_1..r_{d-1}].
-#                       ``a (r_1, i_1, o_1)``, ``b (r_{d-1}, i_d, o_d)`` rank-major; for d = 3 ``core``
-#                       nested-shell over (r_1, r_2), assembled ``(r_1, r_2, i_2, o_2)``. Lowered as a
+#                       ``a (r_1, i_1, o_1)`` (held ``(i_1, o_1, r_1)`` when the input has lead axes
+#                       besides the batch), ``b (r_{d-1}, i_d, o_d)`` rank-major; for d = 3 ``core``
+#                       nested-shell over (r_1, r_2), held ``(r_1, i_2, o_2, r_2)``. Lowered as a
 #                       Reshape/Transpose/MatMul chain + Add(bias).
-# ``tt``        conv    C_in = i1*i2, C_out = o1*o2, bonds [r_1, r_2]. ``a (r_1, i1, o1)``, ``b (r_2, i2, o2)``,
-#                       ``core`` nested-shell over (r_1, r_2), assembled ``(r_1, r_2, kh, kw)``. Lowered as
-#                       MatMul over i1 (channels last), the kernel Conv on (N*i2*o1, r_1) images,
-#                       MatMul over (r_2, i2), Transpose back + Add(bias).
+# ``tt``        conv    C_in = i1*i2, C_out = o1*o2, bonds [r_1, r_2]. ``a (r_1, i1, o1)`` held
+#                       ``(i1, o1, r_1)``, ``b (r_2, i2, o2)``, ``core`` nested-shell over (r_1, r_2), held
+#                       ``(r_2, r_1, kh, kw)``. Lowered as MatMul over i1 (channels last), the kernel Conv
+#                       on (N*i2*o1, r_1) images, MatMul over (r_2, i2), Transpose back + Add(bias).
 # ``tr``/``fctn`` conv  ring (C_in)-(kernel)-(C_out)-back, bonds [r_0, r_1, r_2] (r_0 closes the ring).
-#                       All three are nested-shell cores: ``a`` over (r_0, r_1) -> ``(r_0, r_1, C_in)``,
-#                       ``core`` over (r_1, r_2) -> ``(r_1, r_2, *k)``, ``b`` over (r_2, r_0) ->
-#                       ``(r_2, r_0, C_out)``. Lowered as 1x1 Conv C_in->r_0*r_1, Reshape to
+#                       All three are nested-shell cores: ``a`` over (r_0, r_1), held ``(r_0, r_1, C_in)``;
+#                       ``core`` over (r_1, r_2), held ``(r_2, r_1, *k)``; ``b`` over (r_2, r_0), held
+#                       ``(C_out, r_0, r_2)``. Lowered as 1x1 Conv C_in->r_0*r_1, Reshape to
 #                       (N*r_0, r_1, H, W), kernel Conv, Reshape to (N, r_0*r_2, H', W'), 1x1 Conv + bias:
 #                       the last Conv contracts (r_0, r_2) together, which closes the ring.
 #
@@ -231,15 +288,34 @@ def lower(graph: Graph, layers: list[dict[str, Any]], held: dict[str, Any]) -> G
 # order; so the first ``a_j * b_j`` stored rows rebuild ``core[:a_j, :b_j]``. ``structure["shells"]``
 # names each nested-shell factor with the indices of its two bonds in ``ladder["bonds"]``.
 #
-# One copy of every factor. The runtime holds the row prefixes it read (``ladder.bytes`` counts
-# exactly those), and the lowered graph's initializers are those arrays or views of them, never a
-# rearranged copy: where an op needs another layout than a view gives (a nested-shell box, a core
-# transposed so that the contraction axes are adjacent), the lowered graph computes it with a
-# Gather / Transpose while it runs, a temporary that lives like an activation and is freed after
-# its reader. A nested-shell box is ``Gather(rows, Gather(table, band) + offset)``: its cell
-# ``(p, q)`` is stored row ``table[p, band[q]] + q`` (:func:`_shell_tables`), and the int32 tables
-# hold (levels + 1) x (rows of the box) + 2 x (columns of the box) numbers, a few per cent of the
-# core's bytes at most (a Gather table of every cell would be 1/9 of a 3x3 core).
+# One copy of every factor, read by the ops as constants. A level's ``a_j * b_j`` stored rows are
+# exactly the cells of the box ``core[:a_j, :b_j]``, so the runtime holds the box (in the layout its
+# op reads) instead of the rows, at the same bytes (``ladder.bytes`` counts exactly those), and gets
+# the rows back from it when a rescale extends or trims them (:func:`stored_rows`). Likewise a factor
+# an op reads with its rank axis moved is held transposed. The lowered graph's weights are the held
+# arrays or views of them (reshapes, unit axes, ``.T`` of a matrix): no Gather or Transpose of a weight
+# runs per inference, and an engine can pre-pack every kernel once.
+
+
+def _held_axes(layer: dict[str, Any], name: str, ndim: int) -> tuple[int, ...] | None:
+    """How the runtime holds factor ``name`` of ``layer``: the axes of its canonical form (the box of a
+    nested-shell core, else the stored rows; ``ndim`` axes) in the held array's order, or None when
+    it is held as it is. One place for the layouts the lowerers read (see "Storage forms" above)."""
+    family, kind = layer["family"], layer["kind"]
+    rest = tuple(range(2, ndim))
+    if family == "svd-spatial" and name == "b":
+        return (1, 0, 2)                    # (r, C_out, k2) -> (C_out, r, k2): the second Conv's kernel
+    if family == "tt":
+        if name == "core":
+            return (0, 2, 3, 1) if kind == "linear" else (1, 0) + rest  # (r1, i2, o2, r2) / (r2, r1, kh, kw)
+        if name == "a" and (kind == "conv" or int(layer["structure"].get("input_rank", 2)) > 2):
+            return (1, 2, 0)                # (r1, i1, o1) -> (i1, o1, r1): the MatMul's (i1, o1 * r1)
+    if family in ("tr", "fctn"):
+        if name == "core":
+            return (1, 0) + rest            # (r1, r2, *k) -> (r2, r1, *k): the kernel Conv's weight
+        if name == "b":
+            return (2, 1, 0)                # (r2, r0, C_out) -> (C_out, r0, r2): the last Conv's (C_out, r0 * r2)
+    return None
 
 
 def _shell_order(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -272,49 +348,6 @@ def _shell_pairs(layer: dict[str, Any], name: str, rows: np.ndarray, level: int 
         raise ArtifactError(f"layer {layer['name']!r}: factor {name!r} holds {n} cells at level {level}, "
                             f"bonds {a}x{b} need {a * b}")
     return pairs[: level + 1]
-
-
-def _box(rows: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
-    """The ``(a, b, *rest)`` core (a new array) whose cells ``rows`` holds in nested-shell order."""
-    p, q = _shell_order(pairs)
-    a, b = pairs[-1]
-    core = np.zeros((a, b) + rows.shape[1:], dtype=rows.dtype)
-    core[p, q] = rows
-    return core
-
-
-def _boxes(layer: dict[str, Any], factors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``factors`` (as :func:`assemble` gives them) with every nested-shell factor rebuilt into its box:
-    the host-side form :func:`reconstruct` computes with."""
-    out = dict(factors)
-    for name in layer.get("structure", {}).get("shells", {}):
-        if name in factors:
-            out[name] = _box(factors[name], _shell_pairs(layer, name, factors[name]))
-    return out
-
-
-def _shell_tables(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(table, band, offset)``, int32: cell ``(p, q)`` of the box kept at ``pairs[-1]`` is stored row
-    ``table[p, band[q]] + offset[q]`` in nested-shell order (the inverse of :func:`_shell_order`).
-
-    Shell ``j`` starts at row ``a_{j-1} b_{j-1}``; its rows ``p < a_{j-1}`` hold ``q`` in
-    ``[b_{j-1}, b_j)``, then its rows ``a_{j-1} <= p < a_j`` hold ``q`` in ``[0, b_j)``. A cell lies in
-    the shell of the later of its row's band and its column's band, and its stored row is ``q`` plus
-    something that depends on ``p`` and the column band only: one table entry per (row, column band).
-    """
-    cur = np.array(pairs, dtype=np.int64).reshape(-1, 2)  # (a_j, b_j) per level
-    prev = np.vstack([[0, 0], cur[:-1]])
-    start = prev[:, 0] * prev[:, 1]  # shell j's first stored row
-    p, q = np.arange(cur[-1, 0]), np.arange(cur[-1, 1])
-    row_band = np.searchsorted(cur[:, 0], p, side="right")  # the first level j with p < a_j
-    bands, band = np.unique(np.searchsorted(cur[:, 1], q, side="right"), return_inverse=True)
-    j, k = row_band, bands[None, :]
-    # row p in the shell of its own band, which holds the whole row [0, b_j)
-    whole = start[j] + prev[j, 0] * (cur[j, 1] - prev[j, 1]) + (p - prev[j, 0]) * cur[j, 1]
-    # row p in the shell of a later column band k, which holds [b_{k-1}, b_k) of rows p < a_{k-1}
-    later = start[k] + p[:, None] * (cur[k, 1] - prev[k, 1]) - prev[k, 1]
-    table = np.where(row_band[:, None] < k, later, whole[:, None])
-    return table.astype(np.int32), band.reshape(-1).astype(np.int32), q.astype(np.int32)
 
 
 def _text(value: Any) -> str:
@@ -366,27 +399,6 @@ class _Emitter:
     def transpose(self, x: str, perm: list[int]) -> str:
         return self.op("Transpose", [x], {"perm": list(perm)})
 
-    def shell(self, tag: str, layer: dict[str, Any], f: dict[str, np.ndarray], transposed: bool = False) -> tuple[str, tuple[int, ...]]:
-        """The box of nested-shell factor ``tag``, gathered from its stored rows while the graph runs.
-
-        Returns the value's name and shape: ``(a, b, *rest)``, or ``(b, a, *rest)`` when ``transposed``.
-        The graph holds the rows (the runtime's array) and three small int32 tables, no box.
-        """
-        rows = f[tag]
-        pairs = _shell_pairs(layer, tag, rows)
-        table, band, offset = _shell_tables(pairs)
-        a, b = pairs[-1]
-        if transposed:
-            t = self.op("Gather", [self.const(f"{tag}::table", np.ascontiguousarray(table.T)), self.const(f"{tag}::band", band)],
-                        {"axis": 0})
-            idx = self.op("Add", [t, self.const(f"{tag}::offset", offset.reshape(-1, 1))])
-            shape = (b, a) + tuple(rows.shape[1:])
-        else:
-            t = self.op("Gather", [self.const(f"{tag}::table", table), self.const(f"{tag}::band", band)], {"axis": 1})
-            idx = self.op("Add", [t, self.const(f"{tag}::offset", offset)])
-            shape = (a, b) + tuple(rows.shape[1:])
-        return self.op("Gather", [self.const(tag, rows), idx], {"axis": 0}), shape
-
     def bias(self, x: str, channel_dims: int = 0) -> str:
         """Add the node's bias (its third input) to ``x``; ``channel_dims`` trailing 1s put it on axis 1 of NCHW."""
         if len(self.node.inputs) < 3 or not self.node.inputs[2]:
@@ -410,16 +422,13 @@ def _svd_spatial_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray
     first = 0 if layer["structure"].get("first", "h") == "h" else 1
     e = _Emitter(node, layer)
     k1, k2 = a.shape[2], b.shape[2]
-    r, c_out = b.shape[:2]
-    # a (r, C_in, k1) is the first kernel as a view; b (r, C_out, k2) contracts over (r, k2), which
-    # are not adjacent in it: the kernel (C_out, r, k2) is transposed per run (a temporary, not held)
+    # both kernels are views of the held arrays with a unit axis: a (r, C_in, k1), b held (C_out, r, k2)
     if first == 0:
-        w1, kern1, kern2, shape2 = a[:, :, :, None], [k1, 1], [1, k2], [c_out, r, 1, k2]
+        w1, w2, kern1, kern2 = a[:, :, :, None], b[:, :, None, :], [k1, 1], [1, k2]
     else:
-        w1, kern1, kern2, shape2 = a[:, :, None, :], [1, k1], [k2, 1], [c_out, r, k2, 1]
+        w1, w2, kern1, kern2 = a[:, :, None, :], b[:, :, :, None], [1, k1], [k2, 1]
     mid = e.op("Conv", [node.inputs[0], e.const("a", w1)], _conv_attrs(node.attrs, kern1, (first,)))
-    w2 = e.reshape(e.transpose(e.const("b", b), [1, 0, 2]), shape2)
-    e.op("Conv", [mid, w2] + _conv_bias(node), _conv_attrs(node.attrs, kern2, (1 - first,)), last=True)
+    e.op("Conv", [mid, e.const("b", w2)] + _conv_bias(node), _conv_attrs(node.attrs, kern2, (1 - first,)), last=True)
     return e.result()
 
 
@@ -430,13 +439,12 @@ def _svd_spatial_reconstruct(layer: dict[str, Any], f: dict[str, np.ndarray]) ->
 
 
 def _tucker2_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
-    a, b = f["a"], f["b"]
-    nd = f["core"].ndim - 1
+    a, core, b = f["a"], f["core"], f["b"]
+    nd = core.ndim - 2
     ones = [1] * nd
     e = _Emitter(node, layer)
     x = e.op("Conv", [node.inputs[0], e.const("a", a.reshape(a.shape + (1,) * nd))], _conv_attrs(node.attrs, ones, ()))
-    core, shape = e.shell("core", layer, f)
-    x = e.op("Conv", [x, core], _conv_attrs(node.attrs, list(shape[2:]), tuple(range(nd))))
+    x = e.op("Conv", [x, e.const("core", core)], _conv_attrs(node.attrs, list(core.shape[2:]), tuple(range(nd))))
     # b^T reshaped to (C_out, r_out, 1, ...) is a view of the rank-major rows, as for svd
     w3 = b.T.reshape(b.shape[1], b.shape[0], *ones)
     e.op("Conv", [x, e.const("b", w3)] + _conv_bias(node), _conv_attrs(node.attrs, ones, ()), last=True)
@@ -486,20 +494,20 @@ def _tt_linear(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> t
     e = _Emitter(node, layer)
     a, b = f["a"], f["b"]
     d = len(ins)
-    # cores 1.. as the matrices (r_{k-1} * i_k, o_k * r_k) a MatMul reads, with r_k: the last is a view
-    # of b (r, i_d, o_d); the middle box (r1, r2, i2, o2) is gathered and transposed per run
+    # cores 1.. as the matrices (r_{k-1} * i_k, o_k * r_k) a MatMul reads, with r_k: views of b
+    # (r, i_d, o_d) and of the middle core, held (r1, i2, o2, r2)
     mats: list[tuple[str, int]] = []
     if "core" in f:
-        core, (p, q, i, o) = e.shell("core", layer, f)
-        mats.append((e.reshape(e.transpose(core, [0, 2, 3, 1]), [p * i, o * q]), q))
+        p, i, o, q = f["core"].shape
+        mats.append((e.const("core", f["core"].reshape(p * i, o * q)), q))
     mats.append((e.const("b", b.reshape(b.shape[0] * b.shape[1], b.shape[2])), 1))
     if L == 1:
         return _tt_linear_rows(e, node, a, mats, ins, outs)
     # lead axes kept: state before core k is (lead, Q_k, P_k, r_{k-1} * i_k), Q_k = prod(i_{k+1:}),
-    # P_k = prod(o_{:k-1}); core 0 is the matrix (i1, o1 * r1), a transposed per run
+    # P_k = prod(o_{:k-1}); core 0 is the matrix (i1, o1 * r1), a view of a held (i1, o1, r1)
     lead = [0] * L
-    r1 = a.shape[0]
-    mats.insert(0, (e.reshape(e.transpose(e.const("a", a), [1, 2, 0]), [a.shape[1], a.shape[2] * r1]), r1))
+    r1 = a.shape[2]
+    mats.insert(0, (e.const("a", a.reshape(a.shape[0], a.shape[1] * r1)), r1))
     q = int(np.prod(ins[1:]))
     x = e.reshape(node.inputs[0], lead + [ins[0], q])
     x = e.transpose(x, list(range(L)) + [L + 1, L])
@@ -565,11 +573,11 @@ def _tt_matrix(f: dict[str, np.ndarray], ins: list[int], outs: list[int]) -> np.
 def _tt_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
     st = layer["structure"]
     (i1, i2), (o1, o2) = st["in_modes"], st["out_modes"]
-    a, b = f["a"], f["b"]
-    r1 = a.shape[0]
+    a, core, b = f["a"], f["core"], f["b"]  # a held (i1, o1, r1), core held (r2, r1, kh, kw)
+    r1 = a.shape[2]
+    r2, _, kh, kw = core.shape
     e = _Emitter(node, layer)
-    core, (r2, _, kh, kw) = e.shell("core", layer, f, transposed=True)  # (r2, r1, kh, kw): the kernel Conv's weight
-    g1 = e.reshape(e.transpose(e.const("a", a), [1, 2, 0]), [i1, o1 * r1])  # (i1, o1*r1), per run
+    g1 = e.const("a", a.reshape(i1, o1 * r1))
     x = e.transpose(node.inputs[0], [0, 2, 3, 1])                       # (N, H, W, C_in)
     x = e.reshape(x, [0, 0, 0, i1, i2])
     x = e.transpose(x, [0, 1, 2, 4, 3])                                 # (N, H, W, i2, i1)
@@ -577,7 +585,7 @@ def _tt_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tup
     x = e.reshape(x, [0, 0, 0, i2 * o1 * r1])                           # (N, H, W, i2*o1*r1)
     x = e.transpose(x, [0, 3, 1, 2])
     x = e.reshape(x, [-1, r1, 0, 0])                                    # (N*i2*o1, r1, H, W)
-    x = e.op("Conv", [x, core], _conv_attrs(node.attrs, [kh, kw], (0, 1)))
+    x = e.op("Conv", [x, e.const("core", core)], _conv_attrs(node.attrs, [kh, kw], (0, 1)))
     x = e.reshape(x, [-1, i2 * o1 * r2, 0, 0])                          # (N, i2*o1*r2, H', W')
     x = e.transpose(x, [0, 2, 3, 1])
     x = e.reshape(x, [0, 0, 0, i2, o1, r2])
@@ -601,18 +609,17 @@ def _tt_reconstruct(layer: dict[str, Any], f: dict[str, np.ndarray]) -> np.ndarr
 
 
 def _tr_conv(node: Node, layer: dict[str, Any], f: dict[str, np.ndarray]) -> tuple[list[Node], dict[str, np.ndarray]]:
-    nd = f["core"].ndim - 1
-    ones = [1] * nd
+    a, core, b = f["a"], f["core"], f["b"]  # held (r0, r1, C_in), (r2, r1, *k), (C_out, r0, r2)
+    nd = core.ndim - 2
+    ones = (1,) * nd
+    (r0, r1, c_in), r2, c_out = a.shape, core.shape[0], b.shape[0]
     e = _Emitter(node, layer)
-    a, (r0, r1, c_in) = e.shell("a", layer, f)                          # (r0, r1, C_in)
-    core, (r2, _, *kernel) = e.shell("core", layer, f, transposed=True)  # (r2, r1, *k)
-    b, (_, _, c_out) = e.shell("b", layer, f, transposed=True)         # (r0, r2, C_out)
-    x = e.op("Conv", [node.inputs[0], e.reshape(a, [r0 * r1, c_in] + ones)], _conv_attrs(node.attrs, ones, ()))
+    x = e.op("Conv", [node.inputs[0], e.const("a", a.reshape((r0 * r1, c_in) + ones))], _conv_attrs(node.attrs, list(ones), ()))
     x = e.reshape(x, [-1, r1] + [0] * nd)                               # (N*r0, r1, H, W)
-    x = e.op("Conv", [x, core], _conv_attrs(node.attrs, list(kernel), tuple(range(nd))))
+    x = e.op("Conv", [x, e.const("core", core)], _conv_attrs(node.attrs, list(core.shape[2:]), tuple(range(nd))))
     x = e.reshape(x, [-1, r0 * r2] + [0] * nd)                          # (N, r0*r2, H', W')
-    w3 = e.reshape(e.transpose(e.reshape(b, [r0 * r2, c_out]), [1, 0]), [c_out, r0 * r2] + ones)
-    e.op("Conv", [x, w3] + _conv_bias(node), _conv_attrs(node.attrs, ones, ()), last=True)
+    w3 = b.reshape((c_out, r0 * r2) + ones)
+    e.op("Conv", [x, e.const("b", w3)] + _conv_bias(node), _conv_attrs(node.attrs, list(ones), ()), last=True)
     return e.result()
 
 

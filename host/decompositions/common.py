@@ -98,8 +98,8 @@ class Decomposition:
         return {k: v[: self.row_ends[k][j]] for k, v in self.factors.items()}
 
     def factors_at(self, j: int) -> dict[str, np.ndarray]:
-        """The factors the lowerer consumes at level ``j``: the row prefixes, as a device holds them
-        (nested-shell cores stay in storage order; :func:`reconstruct` and the lowered graph rebuild them)."""
+        """The factors the lowerer consumes at level ``j``, as a device holds them (:func:`assemble`:
+        nested-shell cores as boxes, factors an op reads with other axes adjacent transposed)."""
         if j not in self._cache:
             self._cache.clear()
             self._cache[j] = assemble(self.layer(), j, self.rows(j))
