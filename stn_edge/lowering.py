@@ -84,7 +84,8 @@ def assemble(layer: dict[str, Any], level: int, rows: dict[str, np.ndarray]) -> 
     factor an op reads with other axes adjacent is transposed, each into one new C-contiguous array
     (:func:`_held_axes`): the same cells, so the same bytes as the rows, and the lowered graph reads
     it as a constant an engine can pre-pack. The rows are not kept: the result is the one copy of
-    every factor, and :func:`stored_rows` gives the rows back when a rescale needs them.
+    every factor, and :func:`stored_rows` gives the rows back when a rescale needs them. Entries that
+    are not factors (the level's :data:`CORRECTION`) pass through.
     Raises :class:`ArtifactError` when a nested-shell factor does not hold the cells of a level.
     """
     shells = layer.get("structure", {}).get("shells", {})
