@@ -419,7 +419,10 @@ def counted_plan(
     else:
         budget = parse_budget(mem_limit, engine.footprint(full_bytes))
     if activations is None or share:
-        plan = _weights_plan(plan_weights, budget, budget, engine, activations)
+        # a share is of the weights themselves: no detour through the engine's copies, whose
+        # rounding would plan a byte less on one engine than on another at a level boundary
+        weights = parse_budget(mem_limit, full_bytes) if share else None
+        plan = _weights_plan(plan_weights, budget, budget, engine, activations, weights)
         if activations is not None:
             plan.activation_bytes = activations(plan)
         return plan
@@ -441,12 +444,13 @@ def counted_plan(
 
 
 def _weights_plan(plan_weights: Callable[[int], Plan], budget: int, room: int, engine: EngineMemory,
-                  activations: Callable[[Plan], int] | None) -> Plan:
-    """The plan for the weights ``room`` (counted) allows. When that is below the smallest model,
-    the smallest model if it fits ``budget`` with its activations (marked ``activation_bytes=-1``),
-    else a BudgetError in counted bytes that states the smallest feasible budget."""
+                  activations: Callable[[Plan], int] | None, weights: int | None = None) -> Plan:
+    """The plan for the weights ``room`` (counted) allows, or for ``weights`` bytes of weights when
+    given. When that is below the smallest model, the smallest model if it fits ``budget`` with its
+    activations (marked ``activation_bytes=-1``), else a BudgetError in counted bytes that states
+    the smallest feasible budget."""
     try:
-        return plan_weights(engine.weights_for(max(room, 0)))
+        return plan_weights(engine.weights_for(max(room, 0)) if weights is None else weights)
     except BudgetError as exc:
         if exc.smallest_feasible is None:
             raise

@@ -193,3 +193,22 @@ def test_inspect_reports_activations(cnn_path, capsys):
                                                          "32": rt.plan.activation_bytes}}
     assert main(["inspect", str(GOLDEN)]) == 0
     assert "activations: not recorded" in capsys.readouterr().out
+
+
+def test_percentages_plan_the_same_weights_on_every_engine(cnn_path):
+    """A share is of the weights: every engine gets the same ranks, whatever its copies."""
+    from stn_edge.device.memory import EngineMemory
+    from stn_edge.plan import parse_budget
+
+    rt = Runtime.load(cnn_path, mem_limit="100%", backend="numpy")
+    try:
+        for budget in ("73%", "50%", "31%", "10%"):
+            want = rt.plan_for(budget)
+            assert want.budget == parse_budget(budget, rt.full_bytes)
+            for copies in (3.2, 2.75, 1.1, 3.3):
+                rt._backend.engine_memory = EngineMemory(copies, 0)
+                got = rt.plan_for(budget)
+                assert (got.budget, [c.level for c in got.layers]) == (want.budget, [c.level for c in want.layers])
+                del rt._backend.engine_memory
+    finally:
+        rt._backend.__dict__.pop("engine_memory", None)
