@@ -6,7 +6,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from stn_edge.host.importance import score_truncations
 from stn_edge.host.layers import Candidate, Skipped, find_layers
 from stn_edge.lowering import reconstruct
 from stn_edge.plan import format_bytes, format_table
+
+if TYPE_CHECKING:
+    from stn_edge.host.structure import SearchLimits
 
 #: calibration samples stored in the artifact for on-device verification
 STORED_CALIBRATION = 8
@@ -89,6 +92,7 @@ def bake(
     score_samples: int = 128,
     correct: bool = True,
     progress: bool = True,
+    search_limits: SearchLimits | None = None,
 ) -> BakeReport:
     """Bake ``model`` into one ``.stn`` artifact at ``path``.
 
@@ -104,11 +108,15 @@ def bake(
         :data:`stn_edge.host.structure.FAMILIES`, the most accuracy per byte, see docs/RESULTS.md;
         every family holds one copy of its factors on the device, as ``mem_limit`` counts them),
         ``"svd"`` (truncated SVD of the output matricization for every layer: the fastest bake,
-        several times faster than the search), or a list of family names to choose from.
+        several times faster than the search), or a list of family names to choose from. The search
+        keeps only levels that do at most the dense layer's multiply-adds (a tensor train at equal bytes
+        can do 30x more); ``search_limits=SearchLimits(max_macs_ratio=None)`` judges accuracy per byte alone.
     importance : ``"data"`` (measured output error) or ``"spectral"`` (discarded singular energy).
     score_samples : calibration samples used to score truncation levels (the first ones).
     correct : store, per level, the per-channel output scale and shift that restore the full-rank
         layer's output statistics on the calibration data (see :mod:`stn_edge.host.correction`).
+    search_limits : a :class:`stn_edge.host.structure.SearchLimits` for the structure search (default
+        ``SearchLimits()``: its caps and the compute guard).
 
     The artifact is written atomically: a failed bake leaves nothing at ``path``.
     """
@@ -140,7 +148,7 @@ def bake(
     for i, cand in enumerate(candidates):
         x = inputs.get(cand.weight)
         decomposed.append(_decompose(cand, graph.initializers[cand.weight], levels, families,
-                                     None if x is None else x.ndim))
+                                     None if x is None else x.ndim, search_limits))
         d = decomposed[-1]
         say(f"decomposed {i + 1}/{len(candidates)}: {cand.name} {d['meta']['dense']['shape']} -> {d['dec'].family}")
     if correct and decomposed:
@@ -258,17 +266,17 @@ def _level_overrides(graph: Graph, d: dict[str, Any], corrected: bool = True) ->
 
 
 def _decompose(cand: Candidate, w: np.ndarray, levels: int, families: list[str] | None,
-               input_rank: int | None) -> dict[str, Any]:
+               input_rank: int | None, limits: SearchLimits | None = None) -> dict[str, Any]:
     """Decompose one weight with the best family (or SVD); the layer fields and ladder helpers."""
     from stn_edge.host.decompositions.common import decompose_svd
-    from stn_edge.host.structure import choose_structure
+    from stn_edge.host.structure import SearchLimits, choose_structure
 
     report: list[dict[str, Any]] = []
     if families == ["svd"] or cand.kind == "embedding":
         best = decompose_svd(w, cand.kind, cand.layout, levels)
     else:
         try:
-            best, report = choose_structure(cand, w, levels, families)
+            best, report = choose_structure(cand, w, levels, families, limits=limits or SearchLimits())
         except ValueError as exc:  # none of the allowed families fits this shape (Tucker-2 on a 1x1 conv)
             best = decompose_svd(w, cand.kind, cand.layout, levels)
             report = [{"name": "svd", "family": "svd", "fallback": str(exc)}]

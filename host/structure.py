@@ -19,6 +19,18 @@ Costs are capped so that a ResNet-18-sized model is searched in seconds: CP and 
 :attr:`SearchLimits.ring_max_size` numbers (at most ~0.5 s each), with a fixed number of ALS sweeps
 and no wall-clock cap, so the chosen structures do not depend on the machine's load; the report says
 when a family was skipped and why.
+
+Compute guard (:attr:`SearchLimits.max_macs_ratio`, 1.0 by default): a level is eligible only if its
+multiply-adds per output position (per sample for a linear layer, per output pixel for a conv; see
+:mod:`stn_edge.host.decompositions.macs`) are at most ``max_macs_ratio`` times the dense layer's. MACs
+grow with the level (bonds nest), so the eligible levels are a prefix of the ladder: the family is
+scored, and baked, on that prefix only (its error curve stays flat above the last eligible level's
+bytes), and skipped when not even its smallest level qualifies. A level that computes more than the
+dense layer would be slower than running dense at any budget that holds it, so it is no real option
+for the planner; dropping levels instead of whole families keeps a family whose small levels are
+cheap (a tensor train at very low ranks) in the running, judged fairly on what it can offer. The
+report says how many levels were dropped (``notes``) or why the family was skipped, and gives
+``macs_ratio`` (the top kept level's MACs over the dense layer's).
 """
 from __future__ import annotations
 
@@ -32,6 +44,7 @@ import numpy as np
 from stn_edge.host.decompositions.common import Decomposition, as_matrix, decompose_svd
 from stn_edge.host.decompositions.cp import decompose_cp
 from stn_edge.host.decompositions.fctn import decompose_fctn
+from stn_edge.host.decompositions.macs import dense_macs, level_macs
 from stn_edge.host.decompositions.spatial import decompose_spatial
 from stn_edge.host.decompositions.tr import decompose_tr
 from stn_edge.host.decompositions.tt import decompose_tt
@@ -53,6 +66,9 @@ class SearchLimits:
     ring_seconds: float | None = None
     spatial_both: bool = False  # also try the horizontal-first spatial SVD (costs a second big eigensolve)
     grid: int = 256  # points of the log-bytes grid the score averages over
+    # levels may do at most this many times the dense layer's multiply-adds per output position
+    # (None: no compute guard, accuracy per byte only); see the module doc
+    max_macs_ratio: float | None = 1.0
 
 
 def candidates(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits: SearchLimits,
@@ -134,7 +150,8 @@ def choose_structure(
     -------
     best : the :class:`Decomposition` with the lowest score.
     report : one dict per candidate, best first: ``name, family, structure, score, err@10%, err@25%,
-        err@50%, levels, min_bytes, max_bytes, dense_bytes, seconds, chosen`` (or ``skipped`` with why).
+        err@50%, levels, min_bytes, max_bytes, dense_bytes, seconds, chosen, macs_ratio`` (or ``skipped``
+        with why; a family skipped or cut by the compute guard says so, see the module doc).
     """
     done: list[tuple[str, Decomposition, list[float]]] = []
     report: list[dict[str, Any]] = []
@@ -150,20 +167,26 @@ def choose_structure(
             continue
         errs = d.errors if gram is None else weighted_errors(d, weight, gram)
         d.seconds = time.perf_counter() - t0
-        done.append((name, d, errs))
+        macs_ratio = None
+        if candidate.kind != "embedding":  # a dense table lookup does no multiply-adds: nothing to compare
+            d, errs, macs_ratio, skip = _compute_guard(candidate, d, errs, limits.max_macs_ratio)
+            if skip:
+                report.append({"name": name, "family": family, "skipped": skip, "macs_ratio": macs_ratio})
+                continue
+        done.append((name, d, errs, macs_ratio))
     if not done:
         raise ValueError(f"no decomposition family saves bytes on {candidate.weight!r} {tuple(weight.shape)}")
     dense = done[0][1].dense_bytes
-    lo = min(d.level_bytes[0] for _, d, _ in done)
+    lo = min(d.level_bytes[0] for _, d, _, _ in done)
     grid = np.geomspace(lo, dense, limits.grid, endpoint=False) if lo < dense else np.array([float(lo)])
     scored = []
-    for name, d, errs in done:
+    for name, d, errs, macs_ratio in done:
         lb = d.level_bytes
         curve = [error_at(lb, errs, b) for b in grid]
-        scored.append((float(np.mean(curve)), name, d, errs))
+        scored.append((float(np.mean(curve)), name, d, errs, macs_ratio))
     scored.sort(key=lambda s: s[0])
     rows = []
-    for rank, (score, name, d, errs) in enumerate(scored):
+    for rank, (score, name, d, errs, macs_ratio) in enumerate(scored):
         lb = d.level_bytes
         rows.append({
             "name": name, "family": d.family,
@@ -171,6 +194,33 @@ def choose_structure(
             "score": round(score, 6),
             **{f"err@{p}%": round(error_at(lb, errs, dense * p / 100), 6) for p in (10, 25, 50)},
             "levels": d.levels, "min_bytes": lb[0], "max_bytes": lb[-1], "dense_bytes": dense,
-            "seconds": round(d.seconds, 4), "chosen": rank == 0, **({"notes": d.notes} if d.notes else {}),
+            "seconds": round(d.seconds, 4), "chosen": rank == 0,
+            **({"macs_ratio": macs_ratio} if macs_ratio is not None else {}), **({"notes": d.notes} if d.notes else {}),
         })
     return scored[0][2], rows + report
+
+
+def _compute_guard(candidate: Candidate, d: Decomposition, errs: list[float], ratio: float | None
+                   ) -> tuple[Decomposition, list[float], float, str]:
+    """``(d cut to its eligible levels, their errors, top kept level's MACs / dense MACs, why skipped)``."""
+    strides = candidate.node.attrs.get("strides") if candidate.kind == "conv" else None
+    dense = dense_macs(d)
+    macs = [level_macs(d, j, strides) for j in range(d.levels)]
+    where = "per output pixel" if candidate.kind == "conv" else "per sample"
+    if ratio is None:
+        return d, errs, round(macs[-1] / dense, 3), ""
+    keep = 0
+    while keep < d.levels and macs[keep] <= ratio * dense:
+        keep += 1
+    if keep == 0:
+        return d, errs, round(macs[0] / dense, 3), (
+            f"compute: even its smallest level needs {macs[0] / dense:.2f}x the dense layer's multiply-adds "
+            f"{where} ({macs[0]:,.0f} vs {dense:,}), above max_macs_ratio={ratio:g}")
+    if keep < d.levels:
+        top_bytes = d.level_bytes[keep - 1]
+        note = (f"compute: kept the {keep} lowest of {d.levels} levels (up to {top_bytes:,} bytes); the ones above "
+                f"need up to {macs[-1] / dense:.2f}x the dense layer's multiply-adds {where} (max_macs_ratio={ratio:g})")
+        d = d.prefix(keep)
+        d.notes = f"{d.notes}; {note}" if d.notes else note
+        errs = list(errs[:keep])
+    return d, errs, round(macs[keep - 1] / dense, 3), ""

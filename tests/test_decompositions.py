@@ -372,3 +372,49 @@ def test_output_correction_applies_to_every_family(decomposed, name):
     ref = ref * corr[0][:, None, None] + corr[1][:, None, None]
     out = _run(lower(g, [layer], {"W": held}), {"x": x})
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+# --------------------------------------------------------------------------- multiply-adds
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_level_macs_count_the_lowered_graph(decomposed, name):
+    """The MAC formula of every family equals a MAC count of its lowered one-layer graph (per output
+    pixel of a strided conv whose 1x1 ops run at input resolution, per row of a linear layer)."""
+    from stn_edge.device.profile import count_macs, value_shapes
+    from stn_edge.host.decompositions.macs import dense_macs, level_macs
+    from stn_edge.lowering import assemble, lower
+
+    d, w = decomposed[name]
+    for j in sorted({0, d.levels // 2, d.levels - 1}):
+        layer = d.layer("W", "conv" if d.kind == "conv" else "fc", "W")
+        if d.kind == "conv":  # padded so that every axis' input is exactly stride x its output
+            cases = [((1, 1), [1, 1, 1, 1], 8, 8), ((2, 2), [1, 1, 1, 1], 8, 4), ((2, 1), [1, 1, 1, 1], 8, 4)]
+            for strides, pads, size, out in cases:
+                attrs = {"strides": list(strides), "pads": pads}
+                g = _conv_graph(w, True, attrs)
+                x = RNG.standard_normal((1, w.shape[1], size, size)).astype(np.float32)
+                low = lower(g, [layer], {"W": d.factors_at(j)})
+                h_out, w_out = size // strides[0], size // strides[1]
+                got = count_macs(low.nodes, value_shapes(low, {"x": x}))
+                assert got == pytest.approx(level_macs(d, j, strides) * h_out * w_out), (strides, j)
+                dense = count_macs(g.nodes, value_shapes(Graph(g.nodes, g.inputs, g.outputs, dict(g.initializers, W=w)), {"x": x}))
+                assert dense == dense_macs(d) * h_out * w_out
+        else:
+            n_in = w.shape[1] if d.layout == "out_in" else w.shape[0]
+            for lead in ((3,), (2, 5)) if d.layout == "in_out" else ((3,),):
+                x = RNG.standard_normal(lead + (n_in,)).astype(np.float32)
+                op, attrs = ("Gemm", {"transB": 1}) if d.layout == "out_in" else ("MatMul", {})
+                g = Graph([Node(op, "fc", ["x", "W"], ["y"], attrs)], [ValueInfo("x", list(x.shape))], [ValueInfo("y", [])], {})
+                lay = dict(layer, structure=dict(layer["structure"], input_rank=x.ndim))
+                low = lower(g, [lay], {"W": assemble(lay, j, d.rows(j))})
+                got = count_macs(low.nodes, value_shapes(low, {"x": x}))
+                assert got == level_macs(d, j) * int(np.prod(lead)), (lead, j)
+
+
+def test_embedding_macs():
+    from stn_edge.host.decompositions.common import decompose_svd
+    from stn_edge.host.decompositions.macs import dense_macs, level_macs
+
+    d = decompose_svd(RNG.standard_normal((50, 12)).astype(np.float32), "embedding", "in_out")
+    assert dense_macs(d) == 0 and level_macs(d, 0) == d.ranks[0] * 12

@@ -114,3 +114,29 @@ def test_search_does_not_depend_on_the_machines_speed(monkeypatch):
     assert scores(slow_report) == scores(fast_report)
     for k in fast.factors:
         np.testing.assert_array_equal(slow.factors[k], fast.factors[k])
+
+
+def test_compute_guard_cuts_and_skips_tensor_trains_on_a_linear_layer():
+    """A TT-linear layer of 256 = 16 x 16 does 8192 r multiply-adds per sample for 512 r numbers stored:
+    only its lowest levels stay within the dense layer's 65536; the 3-core train not even those."""
+    w = (RNG.standard_normal((256, 256)) / 16).astype(np.float32)
+    best, report = choose_structure(linear_candidate(), w)
+    rows = {r["name"]: r for r in report}
+    assert best.family == "svd" and rows["svd"]["macs_ratio"] <= 1.0
+    assert "compute" in rows["tt/d3"]["skipped"] and "max_macs_ratio=1" in rows["tt/d3"]["skipped"]
+    assert rows["tt/d3"]["macs_ratio"] > 1.0
+    cut = rows["tt/d2"]
+    assert cut["macs_ratio"] <= 1.0 and cut["levels"] < 32 and "compute: kept the" in cut["notes"]
+    assert cut["max_bytes"] < w.nbytes / 10
+    _, free = choose_structure(linear_candidate(), w, limits=SearchLimits(max_macs_ratio=None))
+    rows = {r["name"]: r for r in free}
+    assert "skipped" not in rows["tt/d3"] and rows["tt/d2"]["levels"] == 32 and rows["tt/d2"]["macs_ratio"] > 10
+
+
+def test_compute_guard_keeps_the_cheap_conv_families():
+    """svd, svd-spatial, tucker2 and cp do at most one multiply-add per stored weight: never cut."""
+    w = noisy(planted_tucker2(32, 24, 3, 6, 5), 0.1)
+    _, report = choose_structure(conv_candidate(), w, levels=16)
+    for r in report:
+        if r["family"] in ("svd", "svd-spatial", "tucker2", "cp"):
+            assert "skipped" not in r and "compute" not in r.get("notes", "") and r["macs_ratio"] <= 1.0, r

@@ -109,6 +109,20 @@ class Decomposition:
         """The dense weight at level ``j``, in the original shape and layout."""
         return reconstruct(self.layer(), self.factors_at(j))
 
+    def prefix(self, n: int) -> "Decomposition":
+        """The same decomposition with only its ``n`` lowest levels (a valid ladder of its own: every
+        factor's rows up to level ``n - 1``; nested-shell rows stay in order for the kept pairs)."""
+        if not 1 <= n <= self.levels:
+            raise ValueError(f"{self.family}: cannot keep {n} of {self.levels} levels")
+        if n == self.levels:
+            return self
+        d = Decomposition(self.family, self.kind, self.layout, self.shape, self.structure,
+                          {k: v[: self.row_ends[k][n - 1]].copy() for k, v in self.factors.items()},
+                          {k: e[:n] for k, e in self.row_ends.items()}, self.ranks[:n], self.bonds[:n],
+                          self.max_rank, self.errors[:n], self.seconds, self.notes)
+        d.check()
+        return d
+
     def check(self) -> None:
         """Raise ``ValueError`` unless the contract holds: nested levels, growing bytes, all below dense."""
         n = self.levels
