@@ -69,6 +69,7 @@ class Runtime:
         self.plan: Plan | None = None
         self._planner = plan_ranks
         self.batch_size = 1
+        self._active: tuple[Executable | None, int] = (None, 1)
         self._value_shapes = header.get("value_shapes")
         self._activation_cache: dict[tuple, int] = {}
 
@@ -116,8 +117,7 @@ class Runtime:
             and :meth:`run` splits a larger batch into chunks of ``batch_size`` (results are
             concatenated), so memory stays within ``mem_limit`` whatever batch is passed.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
+        _check_batch_size(batch_size)
         if planner not in PLANNERS:
             raise BudgetError(f"unknown planner {planner!r}; available: {', '.join(PLANNERS)}")
         if is_url(source):
@@ -163,22 +163,21 @@ class Runtime:
     def header(self) -> dict[str, Any]:
         return self._reader.header
 
-    def plan_for(self, mem_limit: int | float | str | None) -> Plan:
-        """The plan a budget would get, without loading anything.
-
-        ``plan.budget`` is the weight budget: ``mem_limit`` divided by the engine's copies.
-        """
+    def plan_for(self, mem_limit: int | float | str | None, batch_size: int | None = None) -> Plan:
+        """The plan a budget would get at ``batch_size`` (default: the current one), without
+        loading anything. ``plan.budget`` is the weight budget."""
+        batch = self.batch_size if batch_size is None else _check_batch_size(batch_size)
         plan = counted_plan(
             lambda weights: self._planner(self._specs, self._fixed_bytes, weights, self.full_bytes), mem_limit,
             full_bytes=self.full_bytes, engine=engine_memory(self._backend), held=self.footprint(),
-            first=self.plan is None, activations=self.activation_bytes,
+            first=self.plan is None, activations=lambda p: self.activation_bytes(p, batch),
         )
         if self._latency is not None:
             from stn_edge.device.profile import plan_within_latency
 
             plan = plan_within_latency(plan, self._specs, *self._latency)
-            plan.activation_bytes = self.activation_bytes(plan)
-        plan.batch_size = self.batch_size
+            plan.activation_bytes = self.activation_bytes(plan, batch)
+        plan.batch_size = batch
         return plan
 
     def footprint(self, plan: Plan | None = None) -> int:
@@ -190,19 +189,21 @@ class Runtime:
         engine = engine_memory(self._backend)
         return engine.footprint(plan.total_bytes) + engine.activation_footprint(plan.activation_bytes)
 
-    def activation_bytes(self, plan: Plan | None = None) -> int:
+    def activation_bytes(self, plan: Plan | None = None, batch_size: int | None = None) -> int:
         """Peak bytes of the values one inference of ``plan`` (default: the current one) holds at
-        ``batch_size``; 0 for artifacts baked without value shapes (before format 1.1)."""
+        ``batch_size`` (default: the current one); 0 for artifacts baked without value shapes
+        (before format 1.1)."""
         plan = plan or self.plan
         if plan is None or not self._value_shapes:
             return 0
-        key = (self.batch_size, tuple(c.level for c in plan.layers))
+        batch = self.batch_size if batch_size is None else batch_size
+        key = (batch, tuple(c.level for c in plan.layers))
         if key not in self._activation_cache:
             graph = lower(Graph(self._template.nodes, self._template.inputs, self._template.outputs,
                                 self._shape_only_tensors(), self._template.opset),
                           self.layers, {l["name"]: self._shape_only(l, plan.choice(l["name"])) for l in self.layers})
             workspace = engine_memory(self._backend).workspace
-            self._activation_cache[key] = peak_activations(graph, self._value_shapes, self.batch_size, workspace).peak
+            self._activation_cache[key] = peak_activations(graph, self._value_shapes, batch, workspace).peak
         return self._activation_cache[key]
 
     def _shape_only_tensors(self) -> dict[str, np.ndarray]:
@@ -222,13 +223,15 @@ class Runtime:
             out[CORRECTION] = _placeholder(ref["shape"][1:], ref["dtype"])
         return out
 
-    def rescale(self, mem_limit: int | float | str | None) -> Plan:
-        """Move to the plan for ``mem_limit`` without reopening the artifact.
+    def rescale(self, mem_limit: int | float | str | None, batch_size: int | None = None) -> Plan:
+        """Move to the plan for ``mem_limit`` (at ``batch_size``, default: the current one) without
+        reopening the artifact.
 
         Going down drops factor rows (and frees them); going up reads only the missing rows. Calls
-        to :meth:`run` from other threads run entirely on the old plan or entirely on the new one.
+        to :meth:`run` from other threads run entirely on the old plan (and its batch size) or
+        entirely on the new one.
         """
-        plan = self.plan_for(mem_limit)
+        plan = self.plan_for(mem_limit, batch_size)
         with self._lock:
             moves = self._moves(plan)
             reads = [read for move in moves.values() for read in move.reads]
@@ -243,6 +246,8 @@ class Runtime:
                           {name: data for name, (_, data) in held.items()})
             exe = self._backend.prepare(graph, self.device)
             self._held, self._exe, self.plan, self._lowered = held, exe, plan, graph
+            self.batch_size = plan.batch_size
+            self._active = (exe, plan.batch_size)  # what run() reads, in one go
         release_free_memory()  # what the old plan held leaves the process's RSS, not only Python's heap
         return plan
 
@@ -342,16 +347,16 @@ class Runtime:
         ``batch_size`` along axis 0, on one plan, and the outputs are concatenated.
         """
         feeds = self._feeds(inputs)
-        exe = self._exe  # one read: a concurrent rescale swaps the whole executable
-        n = self._batch_of(feeds)
-        if n <= self.batch_size:
+        exe, batch = self._active  # one read: a concurrent rescale swaps executable and batch size together
+        n = self._batch_of(feeds, batch)
+        if n <= batch:
             return exe.run(feeds)
         batched = {s.name for s in self._template.inputs if _batch_axis(s.shape)}
-        parts = [exe.run({k: v[i : i + self.batch_size] if k in batched else v for k, v in feeds.items()})
-                 for i in range(0, n, self.batch_size)]
+        parts = [exe.run({k: v[i : i + batch] if k in batched else v for k, v in feeds.items()})
+                 for i in range(0, n, batch)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _batch_of(self, feeds: dict[str, np.ndarray]) -> int:
+    def _batch_of(self, feeds: dict[str, np.ndarray], batch_size: int) -> int:
         """The batch of ``feeds``: the common axis-0 size of the inputs declared with a symbolic
         first axis (0 when none is). Raises InputError when they disagree, or when the batch
         exceeds ``batch_size`` and some output has no batch axis to concatenate along."""
@@ -362,9 +367,9 @@ class Runtime:
             raise InputError(f"inputs disagree on the batch size (axis 0): {sizes}")
         n = next(iter(sizes.values()))
         fixed = [o.name for o in self._template.outputs if not _batch_axis(o.shape)]
-        if n > self.batch_size and fixed:
+        if n > batch_size and fixed:
             raise InputError(
-                f"a batch of {n} exceeds batch_size={self.batch_size}, and output(s) {fixed} have no batch axis to "
+                f"a batch of {n} exceeds batch_size={batch_size}, and output(s) {fixed} have no batch axis to "
                 f"join chunks along; load with batch_size={n} (its activations are counted in mem_limit)"
             )
         return n
@@ -441,6 +446,12 @@ class _Move:
     level: int | None
     reads: list[tuple[dict[str, Any], int, int | None]]
     factors: dict[str, int] = field(default_factory=dict)
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
+    return batch_size
 
 
 def _batch_axis(shape: list[int | str]) -> bool:

@@ -92,8 +92,7 @@ def _activation_summary(reader) -> dict:
     rt = Runtime(reader, get_backend("numpy"), "cpu", "inspect")
     peaks = {}
     for batch in (1, 32):
-        rt.batch_size = batch
-        peaks[batch] = rt.activation_bytes(rt.plan_for(None))
+        peaks[batch] = rt.plan_for(None, batch).activation_bytes
     return {"recorded": True, "numpy_peak": peaks,
             "text": f"activations (full model, numpy): {format_bytes(peaks[1])} at batch 1, "
                     f"{format_bytes(peaks[32])} at batch 32"}
@@ -118,8 +117,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             from stn_edge.device.runtime import Runtime
 
             rt = Runtime(reader, get_backend(args.backend), "cpu", f"requested {args.backend!r}")
-            rt.batch_size = _positive(args.batch_size, "--batch-size")
-            plan = rt.plan_for(args.mem_limit)  # nothing is read but the header
+            plan = rt.plan_for(args.mem_limit, _positive(args.batch_size, "--batch-size"))  # reads the header only
     _emit(args, plan.to_dict(), plan.table())
     return 0
 

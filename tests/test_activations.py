@@ -212,3 +212,21 @@ def test_percentages_plan_the_same_weights_on_every_engine(cnn_path):
                 del rt._backend.engine_memory
     finally:
         rt._backend.__dict__.pop("engine_memory", None)
+
+
+def test_rescale_can_change_the_batch_size(cnn_path):
+    """rescale(batch_size=) re-plans the same bytes for another batch: fewer weights for a larger
+    batch, and run() chunks at the new size from then on."""
+    rt = Runtime.load(cnn_path, mem_limit=None, backend="numpy", batch_size=2)
+    budget = Runtime.load(cnn_path, mem_limit=None, backend="numpy", batch_size=16).footprint() \
+        - rt.plan.total_bytes // 2
+    small = rt.rescale(budget)
+    big = rt.rescale(budget, batch_size=16)
+    assert (small.batch_size, big.batch_size, rt.batch_size) == (2, 16, 16)
+    assert big.total_bytes < small.total_bytes and rt.footprint() <= budget
+    x = _x(20, 4)
+    want = rt._exe.run({"input": x})["output"]  # the same plan, the whole batch in one call
+    np.testing.assert_allclose(rt.run(x)["output"], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="batch_size must be a positive integer"):
+        rt.rescale(budget, batch_size=0)
+    assert rt.batch_size == 16  # a refused rescale changes nothing
