@@ -101,7 +101,7 @@ def bake_demo(path: str | os.PathLike, correct: bool = True, structure: str = "s
 
     ``correct=False`` skips the per-level output corrections: a 6x faster bake, for tests.
     ``structure``: SVD by default, as the table was measured; ``"auto"`` bakes the searched structure
-    (tensor-train for most layers).
+    (SVD for every layer since the search's compute guard; tensor-train for four layers before it).
     """
     import torch
 
