@@ -52,15 +52,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         searched = [l for l in h["layers"] if l.get("search")]
         search_text = ""
         if searched:
-            srows = [("layer", "candidate", "score", "err@10%", "err@25%", "err@50%", "seconds")]
+            srows = [("layer", "candidate", "score", "err@10%", "err@25%", "err@50%", "MACs/dense", "seconds")]
+            why = []
             for l in searched:
                 for c in l["search"][:4]:
                     if "skipped" in c or "fallback" in c:
                         continue
+                    ratio = c.get("macs_ratio")
                     srows.append((l["name"] if c.get("chosen") else "", ("* " if c.get("chosen") else "  ") + c["name"],
                                   f"{c['score']:.4f}", f"{c['err@10%']:.3f}", f"{c['err@25%']:.3f}", f"{c['err@50%']:.3f}",
-                                  f"{c['seconds']:.2f}"))
+                                  "" if ratio is None else f"{ratio:.2f}", f"{c['seconds']:.2f}"))
+                why += [f"  {l['name']}: {c['name']}: {c['skipped']}" for c in l["search"] if "skipped" in c]
+                why += [f"  {l['name']}: {c['name']}: {c['notes']}" for c in l["search"][:4] if c.get("notes")]
             search_text = "\n\nstructure search (chosen *, runners-up; relative weight error at % of dense bytes)\n" + format_table(srows)
+            if why:
+                search_text += "\n\nskipped or cut:\n" + "\n".join(why)
         acts = _activation_summary(r)
         ios = "; ".join(f"{v['name']} {v['shape']} {v['dtype']}" for v in model["inputs"])
         outs = "; ".join(f"{v['name']} {v['shape']} {v['dtype']}" for v in model["outputs"])

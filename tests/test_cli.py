@@ -147,3 +147,20 @@ def test_plan_with_backend_agrees_with_runtime(capsys, tmp_path):
         code, out, _ = _run(capsys, "plan", path, "--mem-limit", budget, "--backend", "onnxruntime", "--json")
         with Runtime.load(path, mem_limit=budget if budget.endswith("%") else int(budget), backend="onnxruntime") as rt:
             assert code == 0 and json.loads(out)["layers"][0]["rank"] == rt.plan.layers[0].rank
+
+
+def test_inspect_lists_structures_skipped_or_cut_for_compute(capsys, tmp_path):
+    """A strided conv where tensor-train costs more multiply-adds than dense: inspect says so."""
+    import torch
+
+    from stn_edge.host import bake
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(64, 64, 3, padding=1))
+    path = tmp_path / "searched.stn"
+    bake(model, torch.randn(2, 32, 8, 8), path, importance="spectral", correct=False, progress=False, levels=8)
+    code, out, _ = _run(capsys, "inspect", path)
+    assert code == 0 and "MACs/dense" in out
+    section = out.split("skipped or cut:\n", 1)[1]
+    assert "compute:" in section and "max_macs_ratio=1" in section
