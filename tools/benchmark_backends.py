@@ -85,13 +85,16 @@ def make_model(name: str):
     raise SystemExit(f"unknown model {name!r}; choose from resnet20, resnet18, encoder")
 
 
-def baked(name: str, out: Path, rebake: bool = False) -> Path:
-    """The model's artifact in ``out``, baked (spectral importance, 16 random calibration inputs) if missing."""
+def baked(name: str, out: Path, rebake: bool = False, structure: str = "svd") -> Path:
+    """The model's artifact in ``out``, baked (spectral importance, 16 random calibration inputs) if missing.
+
+    ``structure`` is bake's: ``"svd"`` (the tables in docs/BENCHMARKS.md) or ``"auto"`` (the search,
+    bake's default), kept side by side as ``<name>.stn`` and ``<name>-auto.stn``."""
     import torch
 
     from stn_edge.host import bake
 
-    path = out / f"{name}.stn"
+    path = out / (f"{name}.stn" if structure == "svd" else f"{name}-{structure}.stn")
     if path.exists() and not rebake:
         return path
     model, shape = make_model(name)
@@ -99,7 +102,7 @@ def baked(name: str, out: Path, rebake: bool = False) -> Path:
     torch.backends.mha.set_fastpath_enabled(False)  # the fused encoder kernel has no ONNX export
     gen = torch.Generator().manual_seed(1)
     cal = torch.randn(16, *shape, generator=gen)
-    report = bake(model, cal[:1], path, calibration=cal, importance="spectral", progress=False)
+    report = bake(model, cal[:1], path, calibration=cal, importance="spectral", progress=False, structure=structure)
     print(f"[bench] baked {path} in {report.seconds:.0f} s", file=sys.stderr)
     return path
 
@@ -292,6 +295,8 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=1, help="pin to this many CPUs (0: leave the affinity alone)")
     ap.add_argument("--out", default="out/bench", help="folder for the baked artifacts and dense ONNX files")
     ap.add_argument("--rebake", action="store_true")
+    ap.add_argument("--structure", default="svd", choices=("svd", "auto"),
+                    help="bake's structure: svd (the documented tables) or auto (the per-layer search)")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     ap.add_argument("--latency-model", action="store_true",
@@ -317,7 +322,7 @@ def main() -> None:
               "cpus": args.cpus, "models": args.models.split(","), "skipped_backends": skipped, "rows": [], "load": [],
               "latency_model": []}
     for model in result["models"]:
-        path = baked(model, out, args.rebake)
+        path = baked(model, out, args.rebake, args.structure)
         macs: dict[str, tuple[int, int]] = {}
         for backend in backends:
             for row in side_by_side(path, backend, budgets, batches, args.seconds, macs):
