@@ -437,19 +437,29 @@ def demo_path(tmp_path_factory) -> Path:
     return _tool("measure_memory").bake_demo(tmp_path_factory.mktemp("mem") / "demo.stn", correct=False)
 
 
-# Every known engine, with the cost it declares or the table's (device/memory.py).
-@pytest.mark.parametrize("backend", sorted(KNOWN_BACKENDS))
-def test_memory_growth_stays_within_mem_limit(demo_path, backend):
+def _memory_within_limit(path: Path, backend: str, budgets=("100%", "50%", "25%", "10%"), batch: int = 1) -> list[dict]:
+    """Probe ``path`` on ``backend`` in a fresh process per budget (skip when the engine is not
+    installed); assert the growth after the first run and the peak stay within the limit + the
+    engine's constant, and that the runtime counts no more than the limit. Returns the probes."""
     try:
         get_backend(backend)
     except BackendUnavailable as exc:
         pytest.skip(str(exc))
     probe = _tool("measure_memory").probe_in_subprocess
-    for budget in ("100%", "50%", "25%", "10%"):
-        r = probe(demo_path, backend, budget)
+    out = []
+    for budget in budgets:
+        r = probe(path, backend, budget, batch=batch)
         assert r["growth_after_first_run"] <= r["limit_bytes"] + r["constant_bytes"], r
         assert r["peak_growth"] is None or r["peak_growth"] <= r["limit_bytes"] + r["constant_bytes"], r
         assert r["counted_bytes"] <= r["limit_bytes"], r
+        out.append(r)
+    return out
+
+
+# Every known engine, with the cost it declares or the table's (device/memory.py).
+@pytest.mark.parametrize("backend", sorted(KNOWN_BACKENDS))
+def test_memory_growth_stays_within_mem_limit(demo_path, backend):
+    _memory_within_limit(demo_path, backend)
 
 
 @pytest.fixture(scope="module")
@@ -489,16 +499,7 @@ def auto_path(tmp_path_factory) -> Path:
 def test_memory_growth_stays_within_mem_limit_with_structure_auto(auto_path, backend):
     """The families the structure search picks hold one copy of each factor, as the plan counts:
     nested-shell cores are held assembled instead of their rows (the same bytes), not besides them."""
-    try:
-        get_backend(backend)
-    except BackendUnavailable as exc:
-        pytest.skip(str(exc))
-    probe = _tool("measure_memory").probe_in_subprocess
-    for budget in ("100%", "50%", "25%", "10%"):
-        r = probe(auto_path, backend, budget)
-        assert r["growth_after_first_run"] <= r["limit_bytes"] + r["constant_bytes"], r
-        assert r["peak_growth"] is None or r["peak_growth"] <= r["limit_bytes"] + r["constant_bytes"], r
-        assert r["counted_bytes"] <= r["limit_bytes"], r
+    _memory_within_limit(auto_path, backend)
 
 
 def test_rescales_of_a_structure_searched_model_match_fresh_loads(auto_path):
@@ -539,21 +540,11 @@ def conv_path(tmp_path_factory) -> Path:
 def test_memory_peak_at_batch_16_stays_within_mem_limit(conv_path, backend):
     """Activations at the load's batch size are inside mem_limit: the peak while a batch of 16 runs
     stays within the limit + the engine's constant, for percentages and for bytes."""
-    try:
-        get_backend(backend)
-    except BackendUnavailable as exc:
-        pytest.skip(str(exc))
-    probe = _tool("measure_memory").probe_in_subprocess
-    full = probe(conv_path, backend, "100%", batch=16)
+    full, _ = _memory_within_limit(conv_path, backend, ("100%", "25%"), batch=16)
     assert full["activation_bytes"] > 10 * full["weight_bytes"], full
     # bytes: room for the activations and a third of the weights' counted size
-    copies = full["weight_copies"]
-    squeezed = str(full["counted_bytes"] - int(full["weight_bytes"] * copies * 2 / 3))
-    for budget in ("100%", "25%", squeezed):
-        r = full if budget == "100%" else probe(conv_path, backend, budget, batch=16)
-        assert r["counted_bytes"] <= r["limit_bytes"], r
-        assert r["peak_growth"] is None or r["peak_growth"] <= r["limit_bytes"] + r["constant_bytes"], r
-        assert r["growth_after_first_run"] <= r["limit_bytes"] + r["constant_bytes"], r
+    squeezed = str(full["counted_bytes"] - int(full["weight_bytes"] * full["weight_copies"] * 2 / 3))
+    [r] = _memory_within_limit(conv_path, backend, (squeezed,), batch=16)
     assert r["weight_bytes"] < full["weight_bytes"] / 2  # the byte budget really truncated
 
 
