@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Mapping
 
@@ -18,7 +19,7 @@ from stn_edge.activations import activation_bytes as peak_activations
 from stn_edge.device.backends import Backend, Executable, available_backends, get_backend
 from stn_edge.device.memory import counted_plan, engine_memory, release_free_memory
 from stn_edge.device.remote import HttpSource, is_url
-from stn_edge.errors import ArtifactError, BackendError, BudgetError, InputError
+from stn_edge.errors import ArtifactError, BackendError, BudgetError, ChunkedBatchWarning, InputError
 from stn_edge.format import ArtifactReader
 from stn_edge.graph import DTYPES, Graph, graph_from_dict
 from stn_edge.lowering import CORRECTION, apply_correction, assemble, assembled_shapes, corrected_factor, lower, stored_rows
@@ -70,6 +71,7 @@ class Runtime:
         self._planner = plan_ranks
         self.batch_size = 1
         self._active: tuple[Executable | None, int] = (None, 1)
+        self._warned_chunks = False  # ChunkedBatchWarning once per runtime
         self._value_shapes = header.get("value_shapes")
         self._activation_cache: dict[tuple, int] = {}
 
@@ -351,6 +353,12 @@ class Runtime:
         n = self._batch_of(feeds, batch)
         if n <= batch:
             return exe.run(feeds)
+        if not self._warned_chunks:
+            self._warned_chunks = True
+            warnings.warn(ChunkedBatchWarning(
+                f"a batch of {n} runs in {-(-n // batch)} chunks of at most {batch}: the memory plan counts the "
+                f"activations of batch_size={batch}; Runtime.load(..., batch_size={n}) (or rescale(..., "
+                f"batch_size={n})) runs it whole, with its activations in mem_limit"), stacklevel=2)
         batched = {s.name for s in self._template.inputs if _batch_axis(s.shape)}
         parts = [exe.run({k: v[i : i + batch] if k in batched else v for k, v in feeds.items()})
                  for i in range(0, n, batch)]

@@ -62,3 +62,9 @@ class CaptureError(STNError):
     """A model could not be captured into a graph on the host."""
 
     exit_code = 7
+
+
+class ChunkedBatchWarning(UserWarning):
+    """``Runtime.run`` got a batch larger than the ``batch_size`` the memory plan counts and ran it
+    in chunks (correct results, fewer samples per engine call). Load with a larger ``batch_size``
+    to run it whole; filter this warning to silence it."""

@@ -230,3 +230,18 @@ def test_rescale_can_change_the_batch_size(cnn_path):
     with pytest.raises(InputError, match="batch_size must be a positive integer"):
         rt.rescale(budget, batch_size=0)
     assert rt.batch_size == 16  # a refused rescale changes nothing
+
+
+def test_chunked_batches_warn_once(cnn_path):
+    import warnings
+
+    from stn_edge.errors import ChunkedBatchWarning
+
+    rt = Runtime.load(cnn_path, mem_limit="50%", backend="numpy", batch_size=2)
+    with pytest.warns(ChunkedBatchWarning, match=r"a batch of 5 runs in 3 chunks of at most 2.*batch_size=5"):
+        rt.run(_x(5))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        rt.run(_x(5))
+        rt.run(_x(2))
+    assert not [w for w in seen if issubclass(w.category, ChunkedBatchWarning)]
