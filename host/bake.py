@@ -1,6 +1,7 @@
 """Bake: capture a model, decompose every eligible layer at maximal rank, score, write one artifact."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -144,11 +145,17 @@ def bake(
     score_feeds = {k: v[:score_samples] for k, v in feeds.items()}
     needs_inputs = [c for c in candidates if (correct and _bias_name(c)) or (families != ["svd"] and c.kind == "linear")]
     inputs = layer_inputs(graph, needs_inputs, score_feeds) if needs_inputs else {}
+    say("recording activation shapes at batch 1 and 2")
+    try:
+        value_shapes = record_value_shapes(graph, feeds)
+    except STNError as exc:  # an op the numpy reference cannot run: the artifact works, uncounted
+        value_shapes = None
+        say(f"activation shapes not recorded ({exc}); mem_limit will count weights only")
     decomposed = []
     for i, cand in enumerate(candidates):
         x = inputs.get(cand.weight)
         decomposed.append(_decompose(cand, graph.initializers[cand.weight], levels, families,
-                                     None if x is None else x.ndim, search_limits))
+                                     None if x is None else x.ndim, search_limits, _positions(cand, value_shapes)))
         d = decomposed[-1]
         say(f"decomposed {i + 1}/{len(candidates)}: {cand.name} {d['meta']['dense']['shape']} -> {d['dec'].family}")
     if correct and decomposed:
@@ -189,12 +196,6 @@ def bake(
     else:
         raise ValueError(f"importance must be 'data' or 'spectral', not {importance!r}")
     reference = _reference_outputs(model, graph, feeds)
-    say("recording activation shapes at batch 1 and 2")
-    try:
-        value_shapes = record_value_shapes(graph, feeds)
-    except STNError as exc:  # an op the numpy reference cannot run: the artifact works, uncounted
-        value_shapes = None
-        say(f"activation shapes not recorded ({exc}); mem_limit will count weights only")
     header, builder = _assemble(graph, decomposed, losses, skipped, feeds, reference, value_shapes)
     say(f"writing {path}")
     size = builder.write(path, header)
@@ -265,8 +266,20 @@ def _level_overrides(graph: Graph, d: dict[str, Any], corrected: bool = True) ->
     return out
 
 
+def _positions(cand: Candidate, value_shapes: dict[str, Any] | None) -> int | None:
+    """Output positions of ``cand`` per sample (a conv's output pixels, a linear layer's rows), from
+    the shapes recorded at batch 1; None when unknown."""
+    rec = (value_shapes or {}).get(cand.node.outputs[0])
+    if rec is None:
+        return None
+    shape = [int(d) for d in rec[0]]
+    n = math.prod(shape[2:]) if cand.kind == "conv" else math.prod(shape[:-1])
+    return max(int(n), 1)
+
+
 def _decompose(cand: Candidate, w: np.ndarray, levels: int, families: list[str] | None,
-               input_rank: int | None, limits: SearchLimits | None = None) -> dict[str, Any]:
+               input_rank: int | None, limits: SearchLimits | None = None,
+               positions: int | None = None) -> dict[str, Any]:
     """Decompose one weight with the best family (or SVD); the layer fields and ladder helpers."""
     from stn_edge.host.decompositions.common import decompose_svd
     from stn_edge.host.structure import SearchLimits, choose_structure
@@ -276,7 +289,8 @@ def _decompose(cand: Candidate, w: np.ndarray, levels: int, families: list[str] 
         best = decompose_svd(w, cand.kind, cand.layout, levels)
     else:
         try:
-            best, report = choose_structure(cand, w, levels, families, limits=limits or SearchLimits())
+            best, report = choose_structure(cand, w, levels, families, limits=limits or SearchLimits(),
+                                            positions=positions)
         except ValueError as exc:  # none of the allowed families fits this shape (Tucker-2 on a 1x1 conv)
             best = decompose_svd(w, cand.kind, cand.layout, levels)
             report = [{"name": "svd", "family": "svd", "fallback": str(exc)}]

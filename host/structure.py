@@ -31,6 +31,14 @@ for the planner; dropping levels instead of whole families keeps a family whose 
 cheap (a tensor train at very low ranks) in the running, judged fairly on what it can offer. The
 report says how many levels were dropped (``notes``) or why the family was skipped, and gives
 ``macs_ratio`` (the top kept level's MACs over the dense layer's).
+
+Op cost (:attr:`SearchLimits.op_cost_macs`, 5e5 by default): each op a factorized layer runs beyond
+the dense layer's one (:data:`EXTRA_OPS`: 1 for SVD, 3 for CP...) is charged that many multiply-adds
+per sample, spread over the layer's output positions, before the guard compares with the dense
+layer. It stands for onnxruntime's fixed ~10 us per op on an x86 core; on small layers (few pixels,
+few channels) it keeps four-op CP layers out and cuts the high levels where even SVD's second op
+does not pay. Measured on ResNet-20 at batch 1 on onnxruntime: 1.35/1.09/1.01x dense at 75/50/25%
+without it, 0.99/0.86/0.76x with it (docs/BENCHMARKS.md). ``None`` makes ops free.
 """
 from __future__ import annotations
 
@@ -69,6 +77,12 @@ class SearchLimits:
     # levels may do at most this many times the dense layer's multiply-adds per output position
     # (None: no compute guard, accuracy per byte only); see the module doc
     max_macs_ratio: float | None = 1.0
+    # what one op costs beyond its multiply-adds, in multiply-adds, at batch 1 (None: ops are free;
+    # the default stands for onnxruntime on an x86 core, see the module doc).
+    # A factorized layer runs EXTRA_OPS more ops than the dense one; on engines with a fixed cost per
+    # op (onnxruntime ~10 us on an x86 core, ~5e5 multiply-adds there) those ops dominate small
+    # layers. Needs the layer's output positions (bake passes them from the recorded shapes).
+    op_cost_macs: float | None = 5e5
 
 
 def candidates(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits: SearchLimits,
@@ -134,6 +148,7 @@ def choose_structure(
     *,
     gram: np.ndarray | None = None,
     limits: SearchLimits = SearchLimits(),
+    positions: int | None = None,
 ) -> tuple[Decomposition, list[dict[str, Any]]]:
     """Decompose ``weight`` with every applicable family; return the best and a report of all.
 
@@ -145,6 +160,8 @@ def choose_structure(
     families : restrict the search to these family names (default: all of :data:`FAMILIES`).
     gram : optional input-activation Gram matrix for output-weighted errors.
     limits : size and time caps (see :class:`SearchLimits`).
+    positions : output positions per sample (pixels of a conv's output, rows of a linear layer's):
+        with :attr:`SearchLimits.op_cost_macs`, each level's extra ops are charged per sample.
 
     Returns
     -------
@@ -169,7 +186,8 @@ def choose_structure(
         d.seconds = time.perf_counter() - t0
         macs_ratio = None
         if candidate.kind != "embedding":  # a dense table lookup does no multiply-adds: nothing to compare
-            d, errs, macs_ratio, skip = _compute_guard(candidate, d, errs, limits.max_macs_ratio)
+            op_cost = limits.op_cost_macs / positions if limits.op_cost_macs and positions else 0.0
+            d, errs, macs_ratio, skip = _compute_guard(candidate, d, errs, limits.max_macs_ratio, op_cost)
             if skip:
                 report.append({"name": name, "family": family, "skipped": skip, "macs_ratio": macs_ratio})
                 continue
@@ -200,13 +218,24 @@ def choose_structure(
     return scored[0][2], rows + report
 
 
-def _compute_guard(candidate: Candidate, d: Decomposition, errs: list[float], ratio: float | None
-                   ) -> tuple[Decomposition, list[float], float, str]:
-    """``(d cut to its eligible levels, their errors, top kept level's MACs / dense MACs, why skipped)``."""
+#: ops a factorized layer runs beyond the dense layer's one (Conv/MatMul/Gemm, plus the Reshape and
+#: Transpose of activations that the tensor-network lowerings need)
+EXTRA_OPS = {"svd": 1, "svd-spatial": 1, "tucker2": 2, "cp": 3, "tt": 3, "tr": 4, "fctn": 4}
+
+
+def _compute_guard(candidate: Candidate, d: Decomposition, errs: list[float], ratio: float | None,
+                   op_cost: float = 0.0) -> tuple[Decomposition, list[float], float, str]:
+    """``(d cut to its eligible levels, their errors, top kept level's MACs / dense MACs, why skipped)``.
+
+    ``op_cost``: multiply-adds one extra op costs per output position; the family's extra ops
+    (:data:`EXTRA_OPS`) are added to every level's MACs (and the report says so)."""
     strides = candidate.node.attrs.get("strides") if candidate.kind == "conv" else None
     dense = dense_macs(d)
-    macs = [level_macs(d, j, strides) for j in range(d.levels)]
+    extra = EXTRA_OPS.get(d.family, 1) * op_cost
+    macs = [level_macs(d, j, strides) + extra for j in range(d.levels)]
     where = "per output pixel" if candidate.kind == "conv" else "per sample"
+    if extra:
+        where += f", {EXTRA_OPS.get(d.family, 1)} extra op(s) at {op_cost:,.0f} each"
     if ratio is None:
         return d, errs, round(macs[-1] / dense, 3), ""
     keep = 0

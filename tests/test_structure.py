@@ -140,3 +140,18 @@ def test_compute_guard_keeps_the_cheap_conv_families():
     for r in report:
         if r["family"] in ("svd", "svd-spatial", "tucker2", "cp"):
             assert "skipped" not in r and "compute" not in r.get("notes", "") and r["macs_ratio"] <= 1.0, r
+
+
+def test_op_cost_keeps_multi_op_families_off_small_layers():
+    """With an op cost, CP's three extra ops outweigh its savings on a conv with few output pixels,
+    and cost nothing much on one with many; without positions (or cost) nothing changes."""
+    w = noisy(planted_tucker2(32, 32, 3, 8, 8)).astype(np.float32)
+    limits = SearchLimits(op_cost_macs=5e5)
+    # 32x32 3x3: 9,216 multiply-adds per output pixel; at 64 pixels one op costs 7,812 per pixel
+    _, small = choose_structure(conv_candidate(), w, levels=8, families=["svd", "cp"], limits=limits, positions=64)
+    _, large = choose_structure(conv_candidate(), w, levels=8, families=["svd", "cp"], limits=limits, positions=1 << 16)
+    _, free = choose_structure(conv_candidate(), w, levels=8, families=["svd", "cp"], limits=limits)
+    by = lambda report: {c["name"]: c for c in report}  # noqa: E731
+    assert "skipped" in by(small)["cp"] and "3 extra op(s)" in by(small)["cp"]["skipped"]
+    assert "skipped" not in by(small)["svd"] and "1 extra op(s)" in by(small)["svd"]["notes"]  # cut, not skipped
+    assert "skipped" not in by(large)["cp"] and "skipped" not in by(free)["cp"]

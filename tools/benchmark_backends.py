@@ -85,7 +85,7 @@ def make_model(name: str):
     raise SystemExit(f"unknown model {name!r}; choose from resnet20, resnet18, encoder")
 
 
-def baked(name: str, out: Path, rebake: bool = False, structure: str = "svd") -> Path:
+def baked(name: str, out: Path, rebake: bool = False, structure: str = "svd", op_cost: float | None = None) -> Path:
     """The model's artifact in ``out``, baked (spectral importance, 16 random calibration inputs) if missing.
 
     ``structure`` is bake's: ``"svd"`` (the tables in docs/BENCHMARKS.md) or ``"auto"`` (the search,
@@ -95,6 +95,8 @@ def baked(name: str, out: Path, rebake: bool = False, structure: str = "svd") ->
     from stn_edge.host import bake
 
     path = out / (f"{name}.stn" if structure == "svd" else f"{name}-{structure}.stn")
+    if op_cost:
+        path = path.with_name(f"{path.stem}-opcost{op_cost:g}.stn")
     if path.exists() and not rebake:
         return path
     model, shape = make_model(name)
@@ -102,7 +104,10 @@ def baked(name: str, out: Path, rebake: bool = False, structure: str = "svd") ->
     torch.backends.mha.set_fastpath_enabled(False)  # the fused encoder kernel has no ONNX export
     gen = torch.Generator().manual_seed(1)
     cal = torch.randn(16, *shape, generator=gen)
-    report = bake(model, cal[:1], path, calibration=cal, importance="spectral", progress=False, structure=structure)
+    from stn_edge.host.structure import SearchLimits
+
+    report = bake(model, cal[:1], path, calibration=cal, importance="spectral", progress=False, structure=structure,
+                  search_limits=SearchLimits(op_cost_macs=op_cost))
     print(f"[bench] baked {path} in {report.seconds:.0f} s", file=sys.stderr)
     return path
 
@@ -297,6 +302,8 @@ def main() -> None:
     ap.add_argument("--rebake", action="store_true")
     ap.add_argument("--structure", default="svd", choices=("svd", "auto"),
                     help="bake's structure: svd (the documented tables) or auto (the per-layer search)")
+    ap.add_argument("--op-cost", type=float, default=None,
+                    help="with --structure auto: SearchLimits.op_cost_macs (multiply-adds one extra op costs)")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     ap.add_argument("--latency-model", action="store_true",
@@ -322,7 +329,7 @@ def main() -> None:
               "cpus": args.cpus, "models": args.models.split(","), "skipped_backends": skipped, "rows": [], "load": [],
               "latency_model": []}
     for model in result["models"]:
-        path = baked(model, out, args.rebake, args.structure)
+        path = baked(model, out, args.rebake, args.structure, args.op_cost)
         macs: dict[str, tuple[int, int]] = {}
         for backend in backends:
             for row in side_by_side(path, backend, budgets, batches, args.seconds, macs):
