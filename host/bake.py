@@ -110,14 +110,15 @@ def bake(
         every family holds one copy of its factors on the device, as ``mem_limit`` counts them),
         ``"svd"`` (truncated SVD of the output matricization for every layer: the fastest bake,
         several times faster than the search), or a list of family names to choose from. The search
-        keeps only levels that do at most the dense layer's multiply-adds (a tensor train at equal bytes
-        can do 30x more); ``search_limits=SearchLimits(max_macs_ratio=None)`` judges accuracy per byte alone.
+        keeps only levels that cost at most the dense layer: its multiply-adds (a tensor train at equal
+        bytes can do 30x more) plus a fixed cost per extra op (``op_cost_macs``, onnxruntime's ~10 us on
+        an x86 core); ``search_limits=SearchLimits(max_macs_ratio=None)`` judges accuracy per byte alone.
     importance : ``"data"`` (measured output error) or ``"spectral"`` (discarded singular energy).
     score_samples : calibration samples used to score truncation levels (the first ones).
     correct : store, per level, the per-channel output scale and shift that restore the full-rank
         layer's output statistics on the calibration data (see :mod:`stn_edge.host.correction`).
     search_limits : a :class:`stn_edge.host.structure.SearchLimits` for the structure search (default
-        ``SearchLimits()``: its caps and the compute guard).
+        ``SearchLimits()``: its caps, the compute guard and the op cost).
 
     The artifact is written atomically: a failed bake leaves nothing at ``path``.
     """
