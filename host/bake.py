@@ -6,7 +6,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
@@ -20,7 +19,6 @@ from stn_edge.host.correction import corrected_weight, layer_inputs, level_corre
 from stn_edge.host.export import capture
 from stn_edge.host.importance import score_truncations
 from stn_edge.host.layers import Candidate, Skipped, find_layers
-from stn_edge.lowering import reconstruct
 from stn_edge.plan import format_bytes, format_table
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from stn_edge.errors import CaptureError
-from stn_edge.graph import Graph, Node
+from stn_edge.graph import Graph
 
 
 def export_onnx(

@@ -25,7 +25,7 @@ to each rank's loss (``tests/test_regularizer.py`` checks this with torchrun and
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
