@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -83,23 +83,29 @@ def _broadcast(*shapes: Shape) -> Shape:
     return tuple(np.broadcast_shapes(*shapes))
 
 
-def _conv_shape(x: Shape, w: Shape, attrs: dict[str, Any]) -> Shape:
+def _auto_pad(attrs: dict[str, Any]) -> str:
+    value = attrs.get("auto_pad", "NOTSET")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _window(x: Shape, kernel: Sequence[int], attrs: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
+    """``(strides, dilations, padded spatial sizes)`` of a Conv or pool over ``x``, the way the
+    backends pad (:mod:`stn_edge.device.backends.geometry`)."""
+    from stn_edge.device.backends import geometry  # here: stn_edge.device imports this module
+
     nd = len(x) - 2
-    k = [int(d) for d in w[2:]]
     strides = list(attrs.get("strides") or [1] * nd)
     dil = list(attrs.get("dilations") or [1] * nd)
-    pads = list(attrs.get("pads") or [0] * (2 * nd))
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    out = []
-    for i in range(nd):
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            out.append(-(-x[2 + i] // strides[i]))
-        else:
-            span = dil[i] * (k[i] - 1) + 1
-            pad = 0 if auto_pad == "VALID" else pads[i] + pads[nd + i]
-            out.append((x[2 + i] + pad - span) // strides[i] + 1)
-    return (x[0], w[0], *out)
+    begin, end = geometry.window_pads(x[2:], kernel, strides, dil, attrs.get("pads"), _auto_pad(attrs))
+    return strides, dil, [n + b + e for n, b, e in zip(x[2:], begin, end)]
+
+
+def _conv_shape(x: Shape, w: Shape, attrs: dict[str, Any]) -> Shape:
+    from stn_edge.device.backends import geometry
+
+    kernel = [int(d) for d in w[2:]]
+    strides, dil, padded = _window(x, kernel, attrs)
+    return (x[0], w[0], *geometry.conv_out(padded, kernel, strides, dil))
 
 
 def _matmul_shape(a: Shape, b: Shape) -> Shape:
@@ -172,22 +178,19 @@ TEMPORARIES: dict[str, float] = {
 
 
 def _padded_copy(node: Node, x: Shape, kernel: list[int], itemsize: int) -> int:
-    """Bytes of the padded copy of input ``x`` a window op makes (0 when it pads nothing)."""
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    pads = list(node.attrs.get("pads") or [])
-    nd = len(x) - 2
-    if not (any(pads) or auto_pad.startswith("SAME") or node.attrs.get("ceil_mode")):
+    """Bytes of the padded copy of input ``x`` a window op makes (0 when it pads nothing): the
+    explicit or SAME pads, and for a pool with ``ceil_mode`` the overhang of its last window."""
+    from stn_edge.device.backends import geometry
+
+    if node.op == "Conv":
+        padded = _window(x, kernel, node.attrs)[2]
+    else:
+        g = geometry.pool_geometry(x[2:], kernel, node.attrs.get("strides"), node.attrs.get("dilations"),
+                                   node.attrs.get("pads"), _auto_pad(node.attrs), int(node.attrs.get("ceil_mode", 0)))
+        padded = [n + b + e + h for n, b, e, h in zip(x[2:], g.begin, g.end, g.overhang)]
+    if list(padded) == list(x[2:]):
         return 0
-    strides = list(node.attrs.get("strides") or [1] * nd)
-    dims = []
-    for i in range(nd):
-        if len(pads) == 2 * nd and not auto_pad.startswith("SAME"):
-            extra = pads[i] + pads[nd + i]
-        else:
-            extra = max(kernel[i] - 1, 0) if i < len(kernel) else 0
-        dims.append(x[2 + i] + extra + (strides[i] if node.attrs.get("ceil_mode") else 0))
-    return x[0] * x[1] * math.prod(dims) * itemsize
+    return x[0] * x[1] * math.prod(padded) * itemsize
 
 
 def workspace_bytes(node: Node, inputs: list[Shape], out: Shape, itemsize: int) -> int:
