@@ -73,6 +73,9 @@ class Runtime:
         self._active: tuple[Executable | None, int] = (None, 1)
         self._warned_chunks = False  # ChunkedBatchWarning once per runtime
         self._value_shapes = header.get("value_shapes")
+        # the inputs chunked along axis 0, and the outputs that could not be joined (no batch axis)
+        self._batched_inputs = tuple(v.name for v in self._template.inputs if _batch_axis(v.shape))
+        self._unbatched_outputs = [v.name for v in self._template.outputs if not _batch_axis(v.shape)]
         self._activation_cache: dict[tuple, int] = {}
 
     # ------------------------------------------------------------------ construction
@@ -359,7 +362,7 @@ class Runtime:
                 f"a batch of {n} runs in {-(-n // batch)} chunks of at most {batch}: the memory plan counts the "
                 f"activations of batch_size={batch}; Runtime.load(..., batch_size={n}) (or rescale(..., "
                 f"batch_size={n})) runs it whole, with its activations in mem_limit"), stacklevel=2)
-        batched = {s.name for s in self._template.inputs if _batch_axis(s.shape)}
+        batched = self._batched_inputs
         parts = [exe.run({k: v[i : i + batch] if k in batched else v for k, v in feeds.items()})
                  for i in range(0, n, batch)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -368,13 +371,13 @@ class Runtime:
         """The batch of ``feeds``: the common axis-0 size of the inputs declared with a symbolic
         first axis (0 when none is). Raises InputError when they disagree, or when the batch
         exceeds ``batch_size`` and some output has no batch axis to concatenate along."""
-        sizes = {s.name: feeds[s.name].shape[0] for s in self._template.inputs if _batch_axis(s.shape)}
+        sizes = {name: feeds[name].shape[0] for name in self._batched_inputs}
         if not sizes:
             return 0
         if len(set(sizes.values())) > 1:
             raise InputError(f"inputs disagree on the batch size (axis 0): {sizes}")
         n = next(iter(sizes.values()))
-        fixed = [o.name for o in self._template.outputs if not _batch_axis(o.shape)]
+        fixed = self._unbatched_outputs
         if n > batch_size and fixed:
             raise InputError(
                 f"a batch of {n} exceeds batch_size={batch_size}, and output(s) {fixed} have no batch axis to "
