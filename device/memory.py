@@ -422,7 +422,7 @@ def counted_plan(
         # a share is of the weights themselves: no detour through the engine's copies, whose
         # rounding would plan a byte less on one engine than on another at a level boundary
         weights = parse_budget(mem_limit, full_bytes) if share else None
-        plan = _weights_plan(plan_weights, budget, budget, engine, activations, weights)
+        plan, _ = _weights_plan(plan_weights, budget, budget, engine, activations, weights)
         if activations is not None:
             plan.activation_bytes = activations(plan)
         return plan
@@ -430,13 +430,10 @@ def counted_plan(
     # reserve the last plan's peak and re-plan until weights + activations fit
     reserve = 0
     for _ in range(8):
-        plan = _weights_plan(plan_weights, budget, budget - reserve, engine, activations)
-        if plan.activation_bytes < 0:  # the smallest model, which fits: nothing smaller to try
-            plan.activation_bytes = activations(plan)
-            return plan
+        plan, smallest = _weights_plan(plan_weights, budget, budget - reserve, engine, activations)
         plan.activation_bytes = activations(plan)
         over = engine.footprint(plan.total_bytes) + engine.activation_footprint(plan.activation_bytes) - budget
-        if over <= 0:
+        if over <= 0 or smallest:  # fits; or the smallest model, which fits: nothing smaller to try
             return plan
         reserve = max(reserve + over, engine.activation_footprint(plan.activation_bytes))
     raise BudgetError(f"mem_limit {format_bytes(budget)}: the planner found no ranks whose weights and activations "
@@ -444,13 +441,13 @@ def counted_plan(
 
 
 def _weights_plan(plan_weights: Callable[[int], Plan], budget: int, room: int, engine: EngineMemory,
-                  activations: Callable[[Plan], int] | None, weights: int | None = None) -> Plan:
-    """The plan for the weights ``room`` (counted) allows, or for ``weights`` bytes of weights when
-    given. When that is below the smallest model, the smallest model if it fits ``budget`` with its
-    activations (marked ``activation_bytes=-1``), else a BudgetError in counted bytes that states
-    the smallest feasible budget."""
+                  activations: Callable[[Plan], int] | None, weights: int | None = None) -> tuple[Plan, bool]:
+    """``(plan, smallest)``: the plan for the weights ``room`` (counted) allows, or for ``weights``
+    bytes of weights when given. When that is below the smallest model: the smallest model if it
+    fits ``budget`` with its activations (``smallest`` True), else a BudgetError in counted bytes
+    that states the smallest feasible budget."""
     try:
-        return plan_weights(engine.weights_for(max(room, 0)) if weights is None else weights)
+        return plan_weights(engine.weights_for(max(room, 0)) if weights is None else weights), False
     except BudgetError as exc:
         if exc.smallest_feasible is None:
             raise
@@ -459,8 +456,7 @@ def _weights_plan(plan_weights: Callable[[int], Plan], budget: int, room: int, e
             smallest = plan_weights(exc.smallest_feasible)
             reserve = engine.activation_footprint(activations(smallest))
             if room < budget and engine.footprint(smallest.total_bytes) + reserve <= budget:
-                smallest.activation_bytes = -1
-                return smallest
+                return smallest, True
         need = engine.footprint(exc.smallest_feasible) + reserve
         acts = f" + {format_bytes(reserve)} of activations (a smaller batch_size needs less)" if reserve else ""
         raise BudgetError(
