@@ -123,15 +123,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             from stn_edge.device.runtime import Runtime
 
             rt = Runtime(reader, get_backend(args.backend), "cpu", f"requested {args.backend!r}")
-            plan = rt.plan_for(args.mem_limit, _positive(args.batch_size, "--batch-size"))  # reads the header only
+            plan = rt.plan_for(args.mem_limit, args.batch_size)  # reads the header only; checks the batch size
     _emit(args, plan.to_dict(), plan.table())
     return 0
-
-
-def _positive(value: int, flag: str) -> int:
-    if value < 1:
-        raise InputError(f"{flag} must be at least 1, not {value}")
-    return value
 
 
 def _load_inputs(specs: Sequence[str], names: list[str]) -> dict[str, np.ndarray]:
