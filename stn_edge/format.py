@@ -518,15 +518,15 @@ def _validate_value_shapes(v: "_Validator", shapes: Any) -> None:
         rec = v.list(rec, where)
         if len(rec) != 3:
             v.fail(f"{where} must be [shape at batch 1, shape at batch 2, dtype], not {len(rec)} items")
-        shapes = []
+        at = []  # the shapes at batch 1 and 2
         for k in (0, 1):
             dims = [v.int(d, f"{where}[{k}]") for d in v.list(rec[k], f"{where}[{k}]")]
             if len(dims) > 32 or math.prod(dims) > _MAX_VALUE_ELEMENTS:
                 v.fail(f"{where}[{k}] declares shape {_short(dims)}: more than 32 axes or {_MAX_VALUE_ELEMENTS} elements")
-            shapes.append(dims)
-        if len(shapes[0]) != len(shapes[1]) or any(b < a for a, b in zip(*shapes)):
-            v.fail(f"{where}: the shape at batch 2 {_short(shapes[1])} must have the axes of the shape at batch 1 "
-                   f"{_short(shapes[0])}, none smaller")
+            at.append(dims)
+        if len(at[0]) != len(at[1]) or any(b < a for a, b in zip(*at)):
+            v.fail(f"{where}: the shape at batch 2 {_short(at[1])} must have the axes of the shape at batch 1 "
+                   f"{_short(at[0])}, none smaller")
         v.dtype(rec[2], f"{where}[2]")
 
 

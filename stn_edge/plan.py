@@ -110,7 +110,7 @@ class Plan:
     #: the runtime (:func:`stn_edge.activations.activation_bytes`)
     activation_bytes: int = 0
     batch_size: int = 1
-    _by_name: dict[str, LayerChoice] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _index: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def total_bytes(self) -> int:
@@ -123,9 +123,11 @@ class Plan:
 
     def choice(self, name: str) -> LayerChoice:
         """The choice for layer ``name`` (KeyError when the plan has no such layer)."""
-        if len(self._by_name) != len(self.layers):
-            self._by_name = {c.name: c for c in self.layers}
-        return self._by_name[name]
+        i = self._index.get(name)
+        if i is None or i >= len(self.layers) or self.layers[i].name != name:  # new, or the layers changed
+            self._index = {c.name: j for j, c in enumerate(self.layers)}
+            i = self._index[name]
+        return self.layers[i]
 
     def to_dict(self) -> dict[str, Any]:
         return {
