@@ -126,7 +126,7 @@ def bake_demo(path: str | os.PathLike, correct: bool = True, structure: str = "s
     return Path(path)
 
 
-def bake_cnn(path: str | os.PathLike, channels: int = 64, size: int = 32) -> Path:
+def bake_cnn(path: str | os.PathLike, channels: int = 64, size: int = 32, structure: str = "svd") -> Path:
     """A model whose activations outweigh its weights: three 3x3 Conv(channels) at size x size, pooled,
     Linear(channels, 10). At the defaults: ~0.3 MiB of weights; ~4 MiB per activation and ~36 MiB of
     im2col workspace at batch 16."""
@@ -143,8 +143,17 @@ def bake_cnn(path: str | os.PathLike, channels: int = 64, size: int = 32) -> Pat
     # SVD: every conv keeps an im2col over all its input channels, so the activations stay large at
     # every budget (the structure search would pick CP here, whose low ranks need far less)
     bake(model, torch.randn(2, 3, size, size), path, calibration=torch.randn(8, 3, size, size), importance="spectral",
-         progress=False, correct=False, structure="svd")
+         progress=False, correct=False, structure=structure)
     return Path(path)
+
+
+def _needed(r: dict) -> str:
+    """The activation copies this probe needed: (the larger of growth and peak - the constant - the
+    counted weights) / the activation estimate; the engine's ``activation_copies`` must cover it."""
+    if not r["activation_bytes"]:
+        return "-"
+    top = max(r["growth_after_first_run"], r["peak_growth"] or 0)
+    return f"{(top - r['constant_bytes'] - r['weight_bytes'] * r['weight_copies']) / r['activation_bytes']:.2f}"
 
 
 def _mib(n: int | None) -> str:
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe", metavar="ARTIFACT", help="measure once, in this process")
     ap.add_argument("--artifact", help="artifact for the table (default: bake the demo MLP)")
     ap.add_argument("--cnn", action="store_true", help="bake the conv model of bake_cnn instead (activations dominate)")
-    ap.add_argument("--structure", default="svd", help="the demo MLP's bake structure: svd (the table's) or auto")
+    ap.add_argument("--structure", default="svd", help="the baked model's structure: svd (the tables') or auto")
     ap.add_argument("--backend", default="numpy")
     ap.add_argument("--backends", nargs="+", default=["numpy", "onnxruntime"])
     ap.add_argument("--mem-limit", default="100%")
@@ -170,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.stn"
-        artifact = args.artifact or (bake_cnn(path) if args.cnn else bake_demo(path, structure=args.structure))
+        artifact = args.artifact or (bake_cnn(path, structure=args.structure) if args.cnn
+                                     else bake_demo(path, structure=args.structure))
         print(f"batch {args.batch}")
         print(f"{'backend':12} {'mem_limit':9} {'limit MiB':>9} {'weights':>8} {'acts':>8} {'load':>8} {'1st run':>8} "
-              f"{'peak':>8} {'const':>6}  within")
+              f"{'peak':>8} {'const':>6}  within  acts x")
         for backend in args.backends:
             for budget in args.budgets:
                 r = probe_in_subprocess(artifact, backend, budget, args.batch)
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{backend:12} {budget:9} {_mib(r['limit_bytes']):>9} {_mib(r['weight_bytes']):>8} "
                       f"{_mib(r['activation_bytes']):>8} {_mib(r['growth_after_load']):>8} "
                       f"{_mib(r['growth_after_first_run']):>8} {_mib(r['peak_growth']):>8} "
-                      f"{_mib(r['constant_bytes']):>6}  {'yes' if ok else 'NO'}")
+                      f"{_mib(r['constant_bytes']):>6}  {'yes' if ok else 'NO ':6}  {_needed(r):>6}")
     return 0
 
 
