@@ -330,8 +330,12 @@ class HttpSource(ByteSource):
                 merged.append([offset, offset + size, size])
         if not merged:
             return
-        with concurrent.futures.ThreadPoolExecutor(min(self.workers, len(merged))) as pool:
-            results = list(pool.map(lambda r: (r, self._fetch(r[0], r[1] - r[0])), merged))
+        fetch = lambda r: (r, self._fetch(r[0], r[1] - r[0]))  # noqa: E731
+        if len(merged) == 1 or self.workers == 1:  # no thread to start for one request at a time
+            results = [fetch(r) for r in merged]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(min(self.workers, len(merged))) as pool:
+                results = list(pool.map(fetch, merged))
         with self._lock:
             for (start, _, announced), data in results:
                 self._spans[start] = [data, announced]

@@ -378,6 +378,10 @@ class ArtifactReader:
 
     def _read_blocks(self, blocks: tuple[tuple[int, int, bytes], ...], dtype: str, shape: tuple[int, ...]) -> np.ndarray:
         """The blocks' bytes as a new array of ``shape``, read straight into it (no second copy), verified."""
+        # Fetch before allocating: over HTTP the sizes a header declares are bounded only by the size
+        # the server claims, so a remote source must see the bytes arrive before the array exists
+        # (a local source ignores the hint; its file holds every byte the header declares).
+        self._src.prefetch([(self.data_start + b[0], b[1]) for b in blocks])
         out = np.empty(shape, dtype=DTYPES[dtype])
         buf = memoryview(out.reshape(-1).view(np.uint8))
         if len(buf) != sum(b[1] for b in blocks):

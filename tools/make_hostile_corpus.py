@@ -90,6 +90,17 @@ def _layer(h: dict) -> dict:
     return h["layers"][0]
 
 
+#: a size no device holds, declared by ``calibration-1tib.stn``
+HUGE = 1 << 40
+
+
+def _declare_huge_calibration(h: dict) -> None:
+    """The calibration output ``y`` declared as 2^38 float32 in a block past the data, ``data_size`` to match."""
+    h["calibration"]["outputs"]["y"] = {"dtype": "float32", "shape": [HUGE // 4],
+                                        "block": {"offset": h["data_size"], "size": HUGE, "sha256": b"\0" * 32}}
+    h["data_size"] += HUGE
+
+
 def _nest_attr(h: dict, depth: int) -> None:
     value: Any = 1
     for _ in range(depth):
@@ -134,6 +145,9 @@ ATTACKS: dict[str, tuple[str, str, str, Callable[[bytes], bytes]]] = {
     "element-bomb": ("16 Ki negative fixints: 36x its size once unpacked", "open", "more than .* elements",
                      _raw_header(b"\x81\xa1x\xdd" + struct.pack(">I", 16384) + b"\xe0" * 16384)),
     # --- blocks
+    "calibration-1tib": ("a calibration output of 1 TiB, data_size raised to hold it: locally the file is too short; "
+                         "a server that claims that size must not make the reader allocate it (tests/test_fuzz.py)",
+                         "open", "data_size .* exceeds", _header_file(_declare_huge_calibration)),
     "offset-past-end": ("a block at offset 10^9", "open", "past the data section",
                         _header_file(lambda h: h["tensors"]["c"]["block"].update(offset=10**9))),
     "offset-negative": ("a block at offset -1", "open", "non-negative integer",
