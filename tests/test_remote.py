@@ -1,10 +1,12 @@
 """Loading artifacts over HTTP range requests, against a local server on 127.0.0.1."""
 from __future__ import annotations
 
+import contextlib
 import http.server
 import re
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -30,14 +32,30 @@ def artifact(tmp_path_factory) -> Path:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.data``; ``server.mode`` picks a behaviour; counts body bytes in ``server.served``."""
+    """Serves ``server.data``; ``server.mode`` picks a behaviour; counts body bytes in ``server.served``.
+
+    Every request is counted in ``server.active`` while it is handled, so that a test can wait for the
+    server to be done (``Server.idle``) before it reads the counts: a client has its bytes as soon as
+    the handler wrote them, before the handler thread counts them, and a reply the client refused can
+    still be written after the client moved on.
+    """
 
     def log_message(self, *args: object) -> None:
         pass
 
     def do_GET(self) -> None:
+        with self.server.done:
+            self.server.active += 1
+            self.server.requests += 1
+        try:
+            self._reply()
+        finally:
+            with self.server.done:
+                self.server.active -= 1
+                self.server.done.notify_all()
+
+    def _reply(self) -> None:
         srv = self.server
-        srv.requests += 1
         data, mode = srv.data, srv.mode
         if mode == "404":
             self.send_error(404)
@@ -72,7 +90,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         try:
             self.wfile.write(body)
-            self.server.served += len(body)
+            with self.server.done:
+                self.server.served += len(body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client stopped reading (a full download answered from the cache)
 
@@ -83,20 +102,36 @@ class Server:
         self.httpd.daemon_threads = True
         self.httpd.data, self.httpd.mode, self.httpd.served, self.httpd.requests = data, "range", 0, 0
         self.httpd.etag = None
+        self.httpd.active, self.httpd.done = 0, threading.Condition()
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/model.stn"
 
+    @contextlib.contextmanager
+    def idle(self) -> Iterator[None]:
+        """Hold the server's lock once no request is being handled (every reply written and counted).
+
+        A client has received a reply before its handler finishes, so every request a test made has
+        started; waiting for none to be active is waiting for the counts to be final.
+        """
+        with self.httpd.done:
+            if not self.httpd.done.wait_for(lambda: self.httpd.active == 0, timeout=60):
+                raise AssertionError("the test server is still handling a request after 60 s")
+            yield
+
     def reset(self, mode: str = "range") -> None:
-        self.httpd.mode, self.httpd.served, self.httpd.requests = mode, 0, 0
+        with self.idle():  # a late reply to the previous load must not count in the next one
+            self.httpd.mode, self.httpd.served, self.httpd.requests = mode, 0, 0
 
     @property
     def served(self) -> int:
-        return self.httpd.served
+        with self.idle():
+            return self.httpd.served
 
     @property
     def requests(self) -> int:
-        return self.httpd.requests
+        with self.idle():
+            return self.httpd.requests
 
     def stop(self) -> None:
         self.httpd.shutdown()
