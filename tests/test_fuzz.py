@@ -4,8 +4,10 @@ A long run and its results are in docs/RELIABILITY.md ("Coverage-guided fuzzing"
 """
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -80,6 +82,68 @@ def test_fake_server_misbehaviours_are_refused(behaviour, message):
         with pytest.raises(ArtifactError, match=message):
             with Runtime.load(HttpSource(fuzz.URL, retries=0, workers=1), backend="numpy") as rt:
                 rt.verify()
+
+
+class _LoopbackServer:
+    """A real socket on 127.0.0.1 that answers every connection with ``FakeServer.respond`` and closes it."""
+
+    def __init__(self, server):
+        self.fake = server
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/model.stn"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # shut down by stop()
+                return
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    request += chunk
+                try:
+                    conn.sendall(self.fake.respond(request))
+                except OSError:
+                    pass  # the client hung up first
+
+    def stop(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not, on Linux)
+        self.sock.close()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+@pytest.mark.parametrize("behaviour", [b"", bytes([0, 0x0B]), bytes([0, 0x1B]), bytes([0, 0x8C]), bytes([0, 0x09]),
+                                       bytes([0, 0x0E]), bytes([0, 0x0F]), bytes([0, 0x5A])])
+def test_fake_socket_and_real_socket_give_one_outcome(behaviour, monkeypatch):
+    """The fuzzer's in-process socket behaves as a real one: the same replies over 127.0.0.1 end the
+    same way (lying Content-Length included, where a real socket sees the peer close)."""
+    from stn_edge.device import remote
+
+    art = GOLDEN.read_bytes()
+
+    def outcome(url: str) -> str:
+        try:
+            with Runtime.load(HttpSource(url, retries=0, workers=1, timeout=10), backend="numpy") as rt:
+                return repr(rt.verify())
+        except ArtifactError as exc:
+            return f"{type(exc).__name__}: {str(exc).replace(url, 'URL')}"
+
+    with fuzz.fake_http(fuzz.FakeServer(art, behaviour)):
+        fake = outcome(fuzz.URL)
+    monkeypatch.setattr(remote, "HEAD_BYTES", 256)  # the head fake_http asks for
+    loop = _LoopbackServer(fuzz.FakeServer(art, behaviour))
+    try:
+        real = outcome(loop.url)
+    finally:
+        loop.stop()
+    assert real == fake
 
 
 def test_honest_fake_server_loads_what_a_local_load_does():

@@ -35,7 +35,7 @@ Bounded memory: the address space is capped (``--memory-mb`` over what the proce
 and libFuzzer's RSS limit is set, so a header that makes the reader allocate what the file does not
 hold fails as ``MemoryError``, a finding. File descriptors must not leak across cases.
 
-Seeds: ``tests/golden/*.stn`` and ``tests/corpus/*.stn``, each under every target, plus two small
+Seeds: ``tests/golden/*.stn`` and ``tests/corpus/*.stn``, each under every target, plus four small
 baked models when torch is installed (``--no-bake`` skips them). Results are in docs/RELIABILITY.md.
 """
 from __future__ import annotations
@@ -402,10 +402,14 @@ def load_seeds(extra: list[Path], bake: bool, work: Path) -> dict[str, bytes]:
 
 
 def baked_seeds(folder: Path) -> dict[str, bytes]:
-    """Two small baked models (an MLP with per-level corrections, a searched CNN), cached in ``folder``."""
-    names = ("baked-mlp", "baked-cnn")
-    if all((folder / f"{n}.stn").is_file() for n in names):
-        return {n: (folder / f"{n}.stn").read_bytes() for n in names}
+    """Four small baked models, cached in ``folder``: an MLP (svd) and a CNN baked with three family
+    sets (the search picks cp and tt; tucker2; svd-spatial), with per-level corrections and recorded
+    activation shapes (about 12-23 KB each)."""
+    specs = {"baked-mlp": ("mlp", {"structure": "svd"}), "baked-cnn-cp-tt": ("cnn", {}),
+             "baked-cnn-tucker2": ("cnn", {"structure": ["tucker2", "tr"]}),
+             "baked-cnn-spatial": ("cnn", {"structure": ["svd-spatial", "fctn"]})}
+    if all((folder / f"{n}.stn").is_file() for n in specs):
+        return {n: (folder / f"{n}.stn").read_bytes() for n in specs}
     try:
         import torch
 
@@ -413,18 +417,21 @@ def baked_seeds(folder: Path) -> dict[str, bytes]:
     except ImportError:
         return {}
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
-                              torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 4))
     out = {}
-    for name, model, shape, kw in (("baked-mlp", mlp, (2, 12), {"structure": "svd"}),
-                                   ("baked-cnn", cnn, (2, 3, 6, 6), {})):
+    for name, (arch, kw) in specs.items():
+        torch.manual_seed(0)
+        if arch == "mlp":
+            model, shape = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)), (2, 24)
+        else:
+            model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+                                        torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 4))
+            shape = (2, 3, 6, 6)
         path = folder / f"{name}.stn"
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 bake(model, torch.randn(*shape), path, calibration=torch.randn(4, *shape[1:]), levels=4,
-                     importance="spectral", progress=False, **kw)
+                     importance="spectral", progress=False, min_bytes=512, **kw)
         except Exception as exc:  # the host side is optional here; say so and fuzz without it
             print(f"fuzz: could not bake {name} ({type(exc).__name__}: {exc}); going on without it", file=sys.stderr)
             continue
@@ -568,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "fuzz",
                     help="corpus, findings (crash-*) and baked seeds go here (default out/fuzz)")
     ap.add_argument("--seed-file", type=Path, action="append", default=[], help="another artifact to start from")
-    ap.add_argument("--no-bake", action="store_true", help="do not bake the two small seed models (needs torch)")
+    ap.add_argument("--no-bake", action="store_true", help="do not bake the four small seed models (needs torch)")
     ap.add_argument("--memory-mb", type=int, default=2048, help="address space allowed over the start (default 2048)")
     ap.add_argument("--rss-limit-mb", type=int, default=2048, help="libFuzzer's RSS limit (default 2048)")
     ap.add_argument("--timeout", type=int, default=20, help="seconds one input may take (default 20)")
