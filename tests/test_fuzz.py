@@ -37,6 +37,15 @@ def test_short_fuzz_run_finds_nothing(tmp_path):
     assert "Done " in res.stdout + res.stderr
 
 
+@pytest.mark.slow
+def test_random_driver_runs_where_atheris_is_not_installed(tmp_path):
+    """The fallback: mutations without coverage feedback, same harness, same exit codes."""
+    cmd = [sys.executable, str(ROOT / "tools" / "fuzz.py"), "--driver", "random", "--runs", "3000", "--no-bake",
+           "--work", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "Done 3000 runs" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
+
+
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
     seeds = fuzz.load_seeds([], bake=False, work=tmp_path_factory.mktemp("fuzz"))
