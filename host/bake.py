@@ -12,11 +12,11 @@ import numpy as np
 
 from stn_edge import __version__
 from stn_edge.activations import record_value_shapes
-from stn_edge.errors import CaptureError, STNError
+from stn_edge.errors import STNError
 from stn_edge.format import ArtifactBuilder
 from stn_edge.graph import Graph, graph_to_dict
 from stn_edge.host.correction import corrected_weight, layer_inputs, level_corrections, level_corrections_dense
-from stn_edge.host.export import capture
+from stn_edge.host.export import TorchInputs, calibration_feeds, capture, reference_outputs
 from stn_edge.host.importance import score_truncations
 from stn_edge.host.layers import Candidate, Skipped, find_layers
 from stn_edge.plan import format_bytes, format_table
@@ -66,14 +66,6 @@ def _progress_printer(enabled: bool) -> Callable[[str], None]:
         if enabled:
             print(f"[bake] {msg}", file=sys.stderr, flush=True)
     return say
-
-
-def _as_numpy_batch(x: Any) -> list[np.ndarray]:
-    items = x if isinstance(x, (tuple, list)) else (x,)
-    out = []
-    for t in items:
-        out.append(t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t))
-    return out
 
 
 def bake(
@@ -126,17 +118,7 @@ def bake(
     say("capturing the graph")
     graph = capture(model, example_inputs, input_names=input_names, output_names=output_names) \
         if not isinstance(model, (str, os.PathLike, bytes)) else capture(model)
-    cal_inputs = _as_numpy_batch(calibration if calibration is not None else example_inputs)
-    if len(cal_inputs) != len(graph.inputs):
-        raise CaptureError(f"calibration has {len(cal_inputs)} input(s), the model takes {len(graph.inputs)}")
-    feeds = {v.name: a for v, a in zip(graph.inputs, cal_inputs)}
-    for v, a in zip(graph.inputs, cal_inputs):
-        fixed = [(i, d) for i, d in enumerate(v.shape) if isinstance(d, int)]
-        if a.ndim != len(v.shape) or any(a.shape[i] != d for i, d in fixed):
-            raise CaptureError(
-                f"calibration input {v.name!r} has shape {list(a.shape)} but the model takes {v.shape}; "
-                "export the model with a dynamic batch axis or give calibration data of that exact shape"
-            )
+    feeds = calibration_feeds(graph, calibration if calibration is not None else example_inputs)
     candidates, skipped = find_layers(graph, min_bytes=min_bytes)
     say(f"{len(candidates)} layers to factorize, {len(skipped)} kept dense")
     for cand in candidates:
@@ -194,7 +176,7 @@ def bake(
                 del d["corr"]
     else:
         raise ValueError(f"importance must be 'data' or 'spectral', not {importance!r}")
-    reference = _reference_outputs(model, graph, feeds)
+    reference = _reference_outputs(model, graph, feeds, example_inputs)
     header, builder = _assemble(graph, decomposed, losses, skipped, feeds, reference, value_shapes)
     say(f"writing {path}")
     size = builder.write(path, header)
@@ -235,7 +217,10 @@ def _feeds_output(graph: Graph, node: Any) -> bool:
 
 
 def _bias_name(cand: Candidate) -> str:
-    """The bias the layer's node adds (Conv and Gemm have one after :func:`_ensure_bias`; MatMul none)."""
+    """The bias the layer's node adds (Conv and Gemm have one after :func:`_ensure_bias`; MatMul none;
+    a tied weight none: its output scale would scale every use)."""
+    if cand.uses:
+        return ""
     return cand.node.inputs[2] if cand.node.op in ("Conv", "Gemm") and len(cand.node.inputs) > 2 else ""
 
 
@@ -284,7 +269,7 @@ def _decompose(cand: Candidate, w: np.ndarray, levels: int, families: list[str] 
     from stn_edge.host.structure import SearchLimits, choose_structure
 
     report: list[dict[str, Any]] = []
-    if families == ["svd"] or cand.kind == "embedding":
+    if families == ["svd"] or cand.kind == "embedding" or cand.uses:  # tied uses share SVD factors
         best = decompose_svd(w, cand.kind, cand.layout, levels)
     else:
         try:
@@ -296,26 +281,25 @@ def _decompose(cand: Candidate, w: np.ndarray, levels: int, families: list[str] 
     if best.family == "tt" and cand.kind == "linear" and input_rank:
         best.structure["input_rank"] = int(input_rank)
     meta = best.layer(name=cand.name, node=cand.node.name, weight=cand.weight)
+    if cand.uses:
+        meta["tied"] = cand.uses  # one stored copy and ladder, lowered at every node that reads it
     if report:
         meta["search"] = report
     return {"meta": meta, "cand": cand, "dec": best, "ranks": list(best.ranks), "truncated": best.truncated,
             "dense": w, "spectral_loss": best.spectral_loss}
 
 
-def _reference_outputs(model: Any, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _reference_outputs(model: Any, graph: Graph, feeds: dict[str, np.ndarray],
+                       example_inputs: Any = None) -> dict[str, np.ndarray]:
     """Full-rank outputs of the original model on the stored calibration samples."""
     stored = {k: v[:STORED_CALIBRATION] for k, v in feeds.items()}
     names = [o.name for o in graph.outputs]
     if hasattr(model, "forward"):
         import torch
 
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            out = model(*[torch.from_numpy(np.ascontiguousarray(stored[v.name])) for v in graph.inputs])
-        model.train(was)
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        return {n: o.detach().cpu().numpy() for n, o in zip(names, outs)}
+        keywords = TorchInputs(example_inputs).keywords if example_inputs is not None else []
+        tensors = [torch.from_numpy(np.ascontiguousarray(stored[v.name])) for v in graph.inputs]
+        return dict(zip(names, reference_outputs(model, tensors, keywords)))
     from stn_edge.device.backends import get_backend
 
     return get_backend("numpy").prepare(graph).run(stored)

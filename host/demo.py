@@ -137,26 +137,28 @@ def run_demo(budgets=("100%", "50%", "25%", "10%"), backend: str = "auto", out: 
     with torch.no_grad():
         dense_acc = float((model(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean())
     log(f"[demo] dense PyTorch accuracy {dense_acc:.1%}")
-    path = Path(out) if out else Path(tempfile.mkdtemp(prefix="stn-demo-")) / "digits.stn"
-    # structure search per layer: the most accuracy per byte, for ~25 s more bake (docs/RESULTS.md, 1)
-    report = bake(model, torch.from_numpy(xtr[:1]), path, calibration=torch.from_numpy(xtr[:256]), score_samples=64,
-                  structure="auto", progress=not quiet)
-    rows = []
-    for budget in budgets:
-        try:
-            rt = Runtime.load(path, mem_limit=budget, backend=backend, batch_size=len(xte))  # the test set runs whole
-        except BudgetError as exc:
-            rows.append({"budget": budget, "error": str(exc)})
-            continue
-        with rt:
-            run = lambda x: rt.run({"input": x})["output"]
-            ranks = [c.rank / c.max_rank for c in rt.plan.layers if not c.dense]
-            rows.append({
-                "budget": budget, "bytes_held": rt.plan.total_bytes, "bytes_read": rt.bytes_read,
-                "factorized": f"{len(ranks)}/{len(rt.plan.layers)}",
-                "rank_kept": f"{min(ranks):.0%}..{max(ranks):.0%}" if ranks else "dense",
-                "accuracy": accuracy(run, xte, yte), "latency_ms": median_latency_ms(run, xte[:1]), "backend": rt.backend,
-            })
+    with tempfile.TemporaryDirectory(prefix="stn-demo-") as tmp:  # removed after, unless out keeps it
+        path = Path(out) if out else Path(tmp) / "digits.stn"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # structure search per layer: the most accuracy per byte, for ~25 s more bake (docs/RESULTS.md, 1)
+        report = bake(model, torch.from_numpy(xtr[:1]), path, calibration=torch.from_numpy(xtr[:256]), score_samples=64,
+                      structure="auto", progress=not quiet)
+        rows = []
+        for budget in budgets:
+            try:
+                rt = Runtime.load(path, mem_limit=budget, backend=backend, batch_size=len(xte))  # the test set runs whole
+            except BudgetError as exc:
+                rows.append({"budget": budget, "error": str(exc)})
+                continue
+            with rt:
+                run = lambda x: rt.run({"input": x})["output"]
+                ranks = [c.rank / c.max_rank for c in rt.plan.layers if not c.dense]
+                rows.append({
+                    "budget": budget, "bytes_held": rt.plan.total_bytes, "bytes_read": rt.bytes_read,
+                    "factorized": f"{len(ranks)}/{len(rt.plan.layers)}",
+                    "rank_kept": f"{min(ranks):.0%}..{max(ranks):.0%}" if ranks else "dense",
+                    "accuracy": accuracy(run, xte, yte), "latency_ms": median_latency_ms(run, xte[:1]), "backend": rt.backend,
+                })
     table = [("budget", "bytes held", "layers factorized", "rank kept", "accuracy", "p50 latency (batch 1)")]
     for r in rows:
         if "error" in r:
@@ -164,7 +166,10 @@ def run_demo(budgets=("100%", "50%", "25%", "10%"), backend: str = "auto", out: 
             continue
         table.append((r["budget"], format_bytes(r["bytes_held"]), r["factorized"], r["rank_kept"],
                       f"{r['accuracy']:.1%}", f"{r['latency_ms']:.2f} ms"))
-    print(f"\nartifact {path} ({format_bytes(report.artifact_bytes)}); dense model {format_bytes(report.full_bytes)}, "
-          f"dense accuracy {dense_acc:.1%}, backend {rows[0].get('backend', backend)}\n")
+    print(f"\nartifact {path if out else '(temporary)'} ({format_bytes(report.artifact_bytes)}); dense model "
+          f"{format_bytes(report.full_bytes)}, dense accuracy {dense_acc:.1%}, backend {rows[0].get('backend', backend)}\n")
     print(format_table(table))
+    if out:
+        print(f"\nkept {path}; go on with:\n  stn-edge inspect {path}\n  stn-edge plan {path} --mem-limit 25%\n"
+              f"  stn-edge run {path} --mem-limit 25%\n  stn-edge profile {path}")
     return rows

@@ -77,7 +77,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         data = {
             "version": list(r.version), "producer": h.get("producer"), "inputs": model["inputs"], "outputs": model["outputs"],
             "nodes": len(model["nodes"]), "full_bytes": h["full_bytes"],
-            "layers": [{k: l[k] for k in ("name", "family", "kind", "node", "max_rank", "ladder", "structure", "search") if k in l}
+            "layers": [{k: l[k] for k in ("name", "family", "kind", "node", "max_rank", "ladder", "structure", "search", "tied") if k in l}
                        | {"dense_shape": l["dense"]["shape"]} for l in h["layers"]],
             "skipped": h.get("skipped", []),
             "activations": {k: v for k, v in acts.items() if k != "text"},
@@ -218,6 +218,8 @@ def cmd_bake(args: argparse.Namespace) -> int:
         mod_name, _, attr = args.model.partition(":")
         if not attr:
             raise CaptureError(f"model {args.model!r} must be 'package.module:factory' or a path to an .onnx file")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # `stn-edge bake mymodels:Net` run where mymodels.py is, as `python -m` does
         try:
             factory = getattr(importlib.import_module(mod_name), attr)
         except (ImportError, AttributeError) as exc:
@@ -257,7 +259,8 @@ def cmd_bake(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from stn_edge.host.demo import run_demo
 
-    rows = run_demo(backend=args.backend, out=args.output, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+    out = str(Path(args.keep) / "digits.stn") if args.keep else args.output
+    rows = run_demo(backend=args.backend, out=out, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                     quiet=args.json)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -377,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="train, bake and load a digits CNN at 100/50/25/10%% budgets")
     sp.add_argument("--backend", default="auto")
+    sp.add_argument("--keep", metavar="DIR", help="keep the artifact as DIR/digits.stn, to go on with inspect, plan, "
+                                                  "run and profile (default: a temporary folder, removed after)")
     sp.add_argument("--output", help="keep the artifact at this path")
     sp.add_argument("--epochs", type=int, default=20, help="regularized training epochs")
     sp.add_argument("--finetune-epochs", type=int, default=3, help="budget-sampled fine-tuning epochs (0: off)")

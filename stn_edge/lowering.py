@@ -247,10 +247,41 @@ def lower(graph: Graph, layers: list[dict[str, Any]], held: dict[str, Any]) -> G
         new_nodes, new_inits = _LOWERERS[key](node, layer, value)
         nodes.extend(new_nodes + extra)
         inits.update(new_inits)
+    nodes = _lower_tied_uses(nodes, inits, layers, held)
     used = {i for n in nodes for i in n.inputs}
     # biases replaced by a corrected copy: the originals are not held when no node reads them any more
     inits = {k: v for k, v in inits.items() if k in used or k not in replaced}
     return Graph(nodes=nodes, inputs=graph.inputs, outputs=graph.outputs, initializers=inits, opset=graph.opset)
+
+
+def _lower_tied_uses(nodes: list[Node], inits: dict[str, np.ndarray], layers: list[dict[str, Any]],
+                     held: dict[str, Any]) -> list[Node]:
+    """Lower the other readers of a tied weight (``layer["tied"]``: ``{"node", "kind", "swap"[, "via"]}``)
+    from the same held factors: ``swap`` exchanges ``a`` and ``b`` (a use that reads the weight
+    transposed), ``via`` names a Transpose the factorized form no longer needs. The factors are
+    views of the held arrays, so a tied weight is held once. A dense level keeps every reader as is."""
+    uses = {u["node"]: (layer, i, u) for layer in layers if not isinstance(held[layer["name"]], np.ndarray)
+            for i, u in enumerate(layer.get("tied", []))}
+    if not uses:
+        return nodes
+    dropped = {u["via"] for _, _, u in uses.values() if u.get("via")}
+    out: list[Node] = []
+    for node in nodes:
+        if node.name in dropped:
+            continue
+        if node.name not in uses:
+            out.append(node)
+            continue
+        layer, i, use = uses[node.name]
+        f = held[layer["name"]]
+        if layer["family"] != "svd" or (use["kind"] == "embedding") != (node.op == "Gather"):
+            raise ArtifactError(f"layer {layer['name']!r}: tied use {node.name!r} ({use['kind']}) of a "
+                                f"{layer['family']} layer cannot be lowered; tied weights are SVD factors")
+        factors = {"a": f["b"], "b": f["a"]} if use["swap"] else {"a": f["a"], "b": f["b"]}
+        new_nodes, new_inits = _LOWERERS[("svd", use["kind"])](node, dict(layer, name=f"{layer['name']}::tied{i}"), factors)
+        out.extend(new_nodes)
+        inits.update(new_inits)
+    return out
 
 
 # --------------------------------------------------------------------------- tensor-network families

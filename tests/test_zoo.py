@@ -332,7 +332,7 @@ class Mixed(torch.nn.Module):
         self.dw = torch.nn.Conv1d(128, 128, 3, padding=1, groups=128)  # grouped convolution
         self.gate = torch.nn.Linear(128, 4)  # too small
         self.score = torch.nn.Linear(12 * 128, 1)  # one output: no byte saving at any rank
-        self.table = torch.nn.Parameter(torch.randn(16, 128))  # read by two Gathers: shared
+        self.table = torch.nn.Parameter(torch.randn(16, 128))  # read by two Gathers: one tied layer
 
     def forward(self, ids):
         h = self.proj(self.emb(ids))  # (N, 12, 128)
@@ -349,14 +349,14 @@ def test_inspect_says_for_every_weight_whether_and_why_not(tmp_path, capsys):
     assert cli_main(["inspect", str(path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     factorized = {layer["name"]: layer["kind"] for layer in data["layers"]}
-    assert factorized == {"emb": "embedding", "proj": "linear"}
+    assert factorized == {"emb": "embedding", "proj": "linear", "table": "embedding"}
+    assert [len(layer.get("tied", [])) for layer in data["layers"] if layer["name"] == "table"] == [1]
     skipped = [(s["weight"], s["reason"]) for s in data["skipped"]]
     reasons = dict(skipped)
     assert reasons["dw"].startswith("grouped convolution (group=128)")
     assert reasons["gate"].startswith("too small (2048 bytes")
     assert reasons["score"].startswith("no byte saving at any rank")
-    assert [w for w, r in skipped if r.startswith("shared weight")] == ["table", "table"], skipped
-    assert len(skipped) == 5
+    assert len(skipped) == 3, skipped
     assert cli_main(["inspect", str(path)]) == 0
     text = capsys.readouterr().out
     for weight in ["emb", "proj", "dw", "gate", "score", "table"]:

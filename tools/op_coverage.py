@@ -78,7 +78,41 @@ def render() -> str:
         rule,
         *rows,
         "",
+        *CAPTURE,
     ])
+
+
+#: what capture (stn_edge.host.export, host/layers.py) takes and factorizes; tests/test_capture*.py hold it to this
+CAPTURE = [
+    "## What is captured",
+    "",
+    "`bake` captures a torch model with `torch.onnx.export(dynamo=False)` (or reads an `.onnx` file):",
+    "",
+    "- inputs: a tensor, a tuple of tensors (passed positionally) or a dict `{argument: tensor}` (passed by",
+    "  keyword, as a tokenizer's output); numpy arrays are taken too. Inputs move to the model's device;",
+    "  calibration data may be on any device and in any float (or integer) dtype: it is cast to the model's.",
+    "- outputs: a tensor, nested tuples/lists, dicts and Hugging Face `ModelOutput`s, flattened and named by",
+    "  key path (`logits`, `last_hidden_state`, `extra.0`); `None` entries are left out.",
+    "- `nn.TransformerEncoder(Layer)` in eval mode: PyTorch's fused fast path (no ONNX export) is off",
+    "  during the export and the user's setting restored after, also when the export fails.",
+    "- Hugging Face models (BERT-family encoders, GPT-2/Llama-style decoders without cache, ViT), built",
+    "  from a config or loaded: `use_cache=False` where `forward` takes it, an all-ones `attention_mask`",
+    "  from `input_ids` when none is given, and `torch.diff`/bool `cumsum` exported (the exporter lacks them).",
+    "- the batch axis is axis 0 when the model gives two stacked samples each its own output, and the",
+    "  exported graph is checked at batch 2; otherwise (a sequence-first `(seq, batch, dim)` model, an",
+    "  example without its batch axis) the graph keeps the example's shapes, with a warning naming the fix.",
+    "",
+    "Factorized: Conv (group 1), Gemm, MatMul with a constant 2-D weight on the right, and Gather tables",
+    "(embeddings). A weight read by several of these (an embedding tied to the output projection, which",
+    "the exporter folds into a transposed copy) is one layer: stored once, one ladder, lowered at every",
+    "use, counted once. Kept dense, each listed by `stn-edge inspect` with the reason: ConvTranspose,",
+    "MatMul with the constant on the left, grouped convolutions, Gemm with transA/alpha/beta, batched",
+    "weights, weights under `min_bytes` or with no byte saving at any rank.",
+    "",
+    "Not captured (`CaptureError`, exit 7, saying what to do): control flow (If/Loop/Scan), outputs that",
+    "are not tensors (a cache object), and anything `torch.onnx.export` refuses.",
+    "",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
