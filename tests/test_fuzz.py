@@ -191,6 +191,6 @@ def test_fuzz_replays_a_saved_input(tmp_path, harness):
     """`tools/fuzz.py --replay FILE` runs one input: how a finding is reproduced."""
     path = tmp_path / "case"
     path.write_bytes(bytes([0, 0, 0, 0, 0]) + GOLDEN.read_bytes())
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "fuzz.py"), "--replay", str(path), "--work",
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "fuzz.py"), "--replay", str(path), "--no-bake", "--work",
                           str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "no finding" in res.stdout, res.stdout + res.stderr

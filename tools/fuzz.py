@@ -4,6 +4,7 @@
     python tools/fuzz.py --runs 1000000 --work out/fuzz    # a long campaign, resumable from out/fuzz/corpus
     python tools/fuzz.py --driver random --seconds 60      # random mutations, no coverage feedback
     python tools/fuzz.py --replay crash-1234               # run one input and print what it raised
+    python tools/fuzz.py --replay out/fuzz/corpus          # every input of a folder (e.g. under coverage.py)
 
 One fuzz input is ``CASE_BYTES`` bytes that pick what to run, then an artifact::
 
@@ -552,18 +553,22 @@ def run_random(harness: Harness, inputs: dict[str, bytes], args: argparse.Namesp
     return 0
 
 
-def replay(harness: Harness, path: Path) -> int:
-    data = path.read_bytes()
-    ctrl = data[0] if data else 0
-    print(f"{path}: target {TARGETS[ctrl & 3]}, hash fix {bool(ctrl & 4)}, budget {BUDGETS[(ctrl >> 3) & 7]!r}, "
-          f"{len(data) - CASE_BYTES} artifact bytes")
-    try:
-        harness(data)
-    except Exception:
-        traceback.print_exc()
-        return 1
-    print("no finding")
-    return 0
+def replay(harness: Harness, paths: list[Path]) -> int:
+    """Run saved inputs (files, or every file in folders); print what each finding raised."""
+    files = [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.is_file()]
+    found = 0
+    for path in files:
+        data = path.read_bytes()
+        try:
+            harness(data)
+        except Exception:
+            found += 1
+            ctrl = data[0] if data else 0
+            print(f"{path}: target {TARGETS[ctrl & 3]}, hash fix {bool(ctrl & 4)}, budget {BUDGETS[(ctrl >> 3) & 7]!r}, "
+                  f"{len(data) - CASE_BYTES} artifact bytes")
+            traceback.print_exc()
+    print(f"replayed {len(files)} input(s): {found} finding(s)" if found else f"replayed {len(files)} input(s): no finding")
+    return 1 if found else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -580,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-limit-mb", type=int, default=2048, help="libFuzzer's RSS limit (default 2048)")
     ap.add_argument("--timeout", type=int, default=20, help="seconds one input may take (default 20)")
     ap.add_argument("--seed", type=int, default=1, help="random seed")
-    ap.add_argument("--replay", type=Path, help="run this one input and print what it raises")
+    ap.add_argument("--replay", type=Path, action="append",
+                    help="run this saved input (or every file in this folder) and print what it raises; repeatable")
     args = ap.parse_args(argv)
     if not (args.seconds or args.runs or args.replay):
         ap.error("give --seconds, --runs or --replay")
@@ -606,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             import stn_edge.device.backends.numpy  # noqa: F401
             import stn_edge.device.remote  # noqa: F401
             import stn_edge.device.runtime  # noqa: F401
-    seeds = load_seeds(args.seed_file, bake=not args.no_bake and not args.replay, work=args.work)
+    seeds = load_seeds(args.seed_file, bake=not args.no_bake, work=args.work)
     harness = Harness(seeds, scratch_dir(args.work))
     limit_memory(args.memory_mb)
     try:
