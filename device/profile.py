@@ -39,11 +39,12 @@ import numpy as np
 from stn_edge.device.backends import Backend, get_backend
 from stn_edge.device.memory import release_free_memory
 from stn_edge.device.runtime import Runtime
+from stn_edge.cost import count_macs, node_macs  # noqa: F401  (re-exported: profile users count MACs here)
 from stn_edge.errors import BackendError, BudgetError, InputError
 from stn_edge.format import ArtifactReader
 from stn_edge.graph import Graph, Node, ValueInfo, dtype_name, graph_from_dict
 from stn_edge.lowering import assemble, lower
-from stn_edge.plan import LadderSpec, LayerChoice, Plan, format_bytes, format_table
+from stn_edge.plan import LadderSpec, LayerChoice, Option, Plan, format_bytes, format_table
 
 #: ``format`` field of a layer-latency table file
 LAYER_TABLE_FORMAT = "stn-edge layer latency 1"
@@ -210,34 +211,6 @@ def value_shapes(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, tup
     return {k: tuple(np.shape(v)) for k, v in all_values(graph, feeds).items()}
 
 
-def node_macs(op: str, attrs: Mapping[str, Any], inputs: Sequence[tuple[int, ...] | None],
-              output: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one Conv, ConvTranspose, MatMul or Gemm node; 0 for any other op.
-
-    ``inputs`` are the shapes of the node's inputs (None where unknown), ``output`` its first output's.
-    """
-    out = int(np.prod(output, dtype=np.int64))
-    if op == "Conv":
-        return out * int(np.prod(inputs[1][1:], dtype=np.int64))  # W (C_out, C_in/g, *k)
-    if op == "ConvTranspose":
-        return int(np.prod(inputs[0], dtype=np.int64)) * int(np.prod(inputs[1][1:], dtype=np.int64))
-    if op == "MatMul":
-        return out * int(inputs[0][-1])
-    if op == "Gemm":
-        a = inputs[0]
-        return out * int(a[0] if attrs.get("transA", 0) else a[-1])
-    return 0
-
-
-def count_macs(nodes: Iterable[Any], shapes: Mapping[str, tuple[int, ...]]) -> int:
-    """Summed :func:`node_macs` over ``nodes`` (Conv, ConvTranspose, MatMul, Gemm; Einsum is not counted)."""
-    total = 0
-    for n in nodes:
-        if n.op in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
-            total += node_macs(n.op, n.attrs, [shapes.get(i) if i else None for i in n.inputs], shapes[n.outputs[0]])
-    return total
-
-
 def model_macs(rt: Runtime, feeds: Mapping[str, np.ndarray]) -> tuple[int, int]:
     """``(MACs of the plan rt runs, MACs of the same model with every layer dense)`` on ``feeds``.
 
@@ -378,11 +351,24 @@ class LayerLatency:
         )
 
     @classmethod
+    def from_cost_model(cls, specs: Sequence[LadderSpec], rest_us: float, backend: str, device: str) -> "LayerLatency":
+        """A table predicted by the engine's cost model (:mod:`stn_edge.cost`) instead of measured:
+        the specs' level costs, and ``rest_us`` for everything outside the factorized layers."""
+        layers, ranks = {}, {}
+        for s in specs:
+            if s.cost is None:
+                continue
+            layers[s.name] = {"dense": s.cost.dense_us / 1e3, **{j: us / 1e3 for j, us in enumerate(s.cost.level_us)}}
+            ranks[s.name] = dict(enumerate(s.ranks))
+        if not layers:
+            raise InputError("latency_limit_ms without profile= needs the value shapes an artifact records since "
+                             "format 1.1; re-bake it, or pass a table written by stn-edge profile model.stn --per-layer")
+        dense = rest_us / 1e3 + sum(t["dense"] for t in layers.values())
+        return cls(backend, device, 1, layers, ranks, model_dense_ms=dense, system={"source": "cost model"})
+
+    @classmethod
     def for_engine(cls, source: Any, backend: str, device: str) -> "LayerLatency":
         """:meth:`load` ``source`` and check it was measured on ``backend`` and ``device``."""
-        if source is None:
-            raise InputError("latency_limit_ms needs profile=: a layer-latency table written by "
-                             "stn-edge profile model.stn --per-layer -o DIR")
         table = cls.load(source)
         if (table.backend, table.device) != (backend, device):
             raise BackendError(f"the layer-latency table was measured on {table.backend}/{table.device}, this runtime "
@@ -498,12 +484,6 @@ def _time_graph(engine: Backend, graph: Graph, device: str, x: np.ndarray, warmu
 # --------------------------------------------------------------------------- latency-aware planning
 
 
-def _options(spec: LadderSpec) -> list[tuple[int, float, int | None, int]]:
-    """(bytes, loss, level, rank) of every option of a layer; level None is dense (as the planner sees them)."""
-    opts = [(b, float(l), j, r) for j, (b, l, r) in enumerate(zip(spec.bytes, spec.loss, spec.ranks)) if b < spec.dense_bytes]
-    return opts + [(spec.dense_bytes, 0.0, None, spec.max_rank)]
-
-
 def plan_within_latency(plan: Plan, specs: Sequence[LadderSpec], table: LayerLatency, latency_limit_ms: float) -> Plan:
     """The plan closest to ``plan`` that keeps its bytes within ``plan.budget`` and is predicted to
     run within ``latency_limit_ms`` on the table's engine.
@@ -522,12 +502,9 @@ def plan_within_latency(plan: Plan, specs: Sequence[LadderSpec], table: LayerLat
 
     ms = table.cost_ms
 
-    def as_choice(spec: LadderSpec, opt: tuple[int, float, int | None, int]) -> LayerChoice:
-        return LayerChoice(spec.name, spec.family, opt[2], opt[3], spec.max_rank, opt[0], opt[1])
-
     for name, c in list(chosen.items()):
         spec = by_name[name]
-        dense = as_choice(spec, _options(spec)[-1])
+        dense = spec.choice(Option(spec.dense_bytes, 0.0, None))
         if not c.dense and name in table.layers and ms(dense) < ms(c) and used - c.bytes + dense.bytes <= plan.budget:
             used += dense.bytes - c.bytes
             chosen[name] = dense
@@ -538,8 +515,8 @@ def plan_within_latency(plan: Plan, specs: Sequence[LadderSpec], table: LayerLat
             if name not in table.layers:
                 continue
             spec = by_name[name]
-            for opt in _options(spec):
-                alt = as_choice(spec, opt)
+            for opt in spec.options():
+                alt = spec.choice(opt)
                 saved = ms(c) - ms(alt)
                 if saved <= 1e-9 or used - c.bytes + alt.bytes > plan.budget:
                     continue

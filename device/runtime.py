@@ -23,6 +23,7 @@ from stn_edge.errors import ArtifactError, BackendError, BudgetError, ChunkedBat
 from stn_edge.format import ArtifactReader
 from stn_edge.graph import DTYPES, Graph, graph_from_dict
 from stn_edge.lowering import CORRECTION, apply_correction, assemble, assembled_shapes, corrected_factor, lower, stored_rows
+from stn_edge.cost import engine_cost, rest_us
 from stn_edge.plan import PLANNERS, Plan, ladder_specs, plan_ranks
 
 #: engines tried by ``backend="auto"``, in order, with why. Measured on a 2-core x86 CPU
@@ -60,7 +61,7 @@ class Runtime:
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{reader.name}: model graph is malformed ({exc})") from None
         self._check_graph()
-        self._specs, self._fixed_bytes = ladder_specs(reader)
+        self._specs, self._fixed_bytes = ladder_specs(reader, engine_cost(backend.name))
         self._tensors: dict[str, np.ndarray] | None = None
         self._held: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -113,11 +114,14 @@ class Runtime:
         cache_dir : for URL sources, a folder that keeps fetched byte ranges between loads.
         planner : ``"greedy"`` (least predicted loss within the budget) or ``"uniform"`` (one rank
             ratio for all layers; a baseline for comparisons).
-        latency_limit_ms : also keep the latency predicted by ``profile`` within this, here and on
-            every :meth:`rescale` (see :func:`stn_edge.device.profile.plan_within_latency`).
+        latency_limit_ms : also keep the predicted latency at batch 1 within this, here and on every
+            :meth:`rescale` (see :func:`stn_edge.device.profile.plan_within_latency`): layers run dense
+            where dense is faster and the budget holds it, then the moves that save the most time
+            per unit of predicted loss are taken. Without it the plan is the most accurate one within
+            ``mem_limit`` (``plan.table()`` says where a layer runs slower than dense).
         profile : the per-layer latency table of this backend and device (a file written by
-            ``stn-edge profile --per-layer``, its dict, or a ``LayerLatency``); needed with
-            ``latency_limit_ms``.
+            ``stn-edge profile --per-layer``, its dict, or a ``LayerLatency``); without it, the
+            engine's cost model (:mod:`stn_edge.cost`) predicts from the header.
         batch_size : the largest batch one engine call runs. Activations are counted at this size,
             and :meth:`run` splits a larger batch into chunks of ``batch_size`` (results are
             concatenated), so memory stays within ``mem_limit`` whatever batch is passed.
@@ -134,14 +138,41 @@ class Runtime:
             rt._planner = PLANNERS[planner]
             rt.batch_size = batch_size
             if latency_limit_ms is not None:
-                from stn_edge.device.profile import LayerLatency  # imports this module
-
-                rt._latency = (LayerLatency.for_engine(profile, engine.name, device), float(latency_limit_ms))
+                rt.limit_latency(latency_limit_ms, profile)
             rt.rescale(mem_limit)
         except BaseException:
             reader.close()
             raise
         return rt
+
+    def limit_latency(self, latency_limit_ms: float | None, profile: Any = None) -> None:
+        """Keep every later plan's predicted latency at batch 1 within ``latency_limit_ms`` (None:
+        no limit, the most accurate plan within the memory budget), predicted by ``profile`` (see
+        :meth:`load`) or, without one, by this engine's cost model. Takes effect at the next
+        :meth:`rescale` or :meth:`plan_for`."""
+        if latency_limit_ms is None:
+            self._latency = None
+            return
+        from stn_edge.device.profile import LayerLatency  # imports this module
+
+        name = self._backend.name
+        if profile is None:  # the engine's cost model, from the header alone
+            table = LayerLatency.from_cost_model(self._specs, rest_us(self._reader.header, engine_cost(name)), name, self.device)
+        else:
+            table = LayerLatency.for_engine(profile, name, self.device)
+        self._latency = (table, float(latency_limit_ms))
+
+    def predict_latency_ms(self, plan: Plan | None = None) -> float:
+        """Predicted milliseconds of one batch-1 inference of ``plan`` (default: the current one), by
+        the latency table in force (:meth:`limit_latency`) or this engine's cost model."""
+        from stn_edge.device.profile import LayerLatency  # imports this module
+
+        plan = plan or self.plan
+        if self._latency is not None:
+            return self._latency[0].predict(plan)
+        name = self._backend.name
+        table = LayerLatency.from_cost_model(self._specs, rest_us(self._reader.header, engine_cost(name)), name, self.device)
+        return table.predict(plan)
 
     def _check_graph(self) -> None:
         names = {n.name for n in self._template.nodes}

@@ -48,6 +48,8 @@ class BakeReport:
     layers: list[BakedLayer] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     seconds: float = 0.0
+    #: seconds per phase (capture, layer inputs, shapes, decompose, correct, score, write)
+    phases: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         rows = [("layer", "family", "shape", "ladder ranks", "dense bytes")]
@@ -58,7 +60,8 @@ class BakeReport:
         for s in self.skipped:
             rows.append((s.weight, "dense", "", s.reason, ""))
         return (format_table(rows) + f"\n{self.path}: {format_bytes(self.artifact_bytes)} artifact, "
-                f"{format_bytes(self.full_bytes)} dense model, {len(self.layers)} layers factorized, baked in {self.seconds:.1f} s")
+                f"{format_bytes(self.full_bytes)} dense model, {len(self.layers)} layers factorized, baked in {self.seconds:.1f} s"
+                + (" (" + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()) + ")" if self.phases else ""))
 
 
 def _progress_printer(enabled: bool) -> Callable[[str], None]:
@@ -99,26 +102,36 @@ def bake(
         :data:`stn_edge.host.structure.FAMILIES`, the most accuracy per byte, see docs/RESULTS.md;
         every family holds one copy of its factors on the device, as ``mem_limit`` counts them),
         ``"svd"`` (truncated SVD of the output matricization for every layer: the fastest bake,
-        several times faster than the search), or a list of family names to choose from. The search
-        keeps only levels that cost at most the dense layer: its multiply-adds (a tensor train at equal
-        bytes can do 30x more) plus a fixed cost per extra op (``op_cost_macs``, onnxruntime's ~10 us on
-        an x86 core); ``search_limits=SearchLimits(max_macs_ratio=None)`` judges accuracy per byte alone.
+        several times faster than the search), or a list of family names to choose from. Every
+        memory level a family offers is kept (speed is chosen at load time, from the engine's cost
+        model or a measured profile); among families of about equal accuracy per byte the one with
+        fewer multiply-adds, counting a fixed cost per extra op, wins (``SearchLimits.speed_tie``,
+        ``op_cost_macs``).
     importance : ``"data"`` (measured output error) or ``"spectral"`` (discarded singular energy).
     score_samples : calibration samples used to score truncation levels (the first ones).
     correct : store, per level, the per-channel output scale and shift that restore the full-rank
         layer's output statistics on the calibration data (see :mod:`stn_edge.host.correction`).
     search_limits : a :class:`stn_edge.host.structure.SearchLimits` for the structure search (default
-        ``SearchLimits()``: its caps, the compute guard and the op cost).
+        ``SearchLimits()``: its size caps, the op cost and the speed tie-break).
 
     The artifact is written atomically: a failed bake leaves nothing at ``path``.
     """
     t0 = time.perf_counter()
+    phases: dict[str, float] = {}
+    last = [t0]
+
+    def done(phase: str) -> None:
+        now = time.perf_counter()
+        phases[phase] = phases.get(phase, 0.0) + now - last[0]
+        last[0] = now
+
     families = _families(structure)
     say = _progress_printer(progress)
     say("capturing the graph")
     graph = capture(model, example_inputs, input_names=input_names, output_names=output_names) \
         if not isinstance(model, (str, os.PathLike, bytes)) else capture(model)
     feeds = calibration_feeds(graph, calibration if calibration is not None else example_inputs)
+    done("capture")
     candidates, skipped = find_layers(graph, min_bytes=min_bytes)
     say(f"{len(candidates)} layers to factorize, {len(skipped)} kept dense")
     for cand in candidates:
@@ -126,19 +139,24 @@ def bake(
     score_feeds = {k: v[:score_samples] for k, v in feeds.items()}
     needs_inputs = [c for c in candidates if (correct and _bias_name(c)) or (families != ["svd"] and c.kind == "linear")]
     inputs = layer_inputs(graph, needs_inputs, score_feeds) if needs_inputs else {}
+    done("layer inputs")
     say("recording activation shapes at batch 1 and 2")
     try:
         value_shapes = record_value_shapes(graph, feeds)
     except STNError as exc:  # an op the numpy reference cannot run: the artifact works, uncounted
         value_shapes = None
         say(f"activation shapes not recorded ({exc}); mem_limit will count weights only")
+    done("shapes")
     decomposed = []
     for i, cand in enumerate(candidates):
         x = inputs.get(cand.weight)
-        decomposed.append(_decompose(cand, graph.initializers[cand.weight], levels, families,
-                                     None if x is None else x.ndim, search_limits, _positions(cand, value_shapes)))
+        w = graph.initializers[cand.weight]
+        with _blas_threads(1 if w.size <= SINGLE_THREAD_SIZE else None):
+            decomposed.append(_decompose(cand, w, levels, families, None if x is None else x.ndim, search_limits,
+                                         _positions(cand, value_shapes)))
         d = decomposed[-1]
         say(f"decomposed {i + 1}/{len(candidates)}: {cand.name} {d['meta']['dense']['shape']} -> {d['dec'].family}")
+    done("decompose")
     if correct and decomposed:
         say("measuring per-level output statistics")
         for d in decomposed:
@@ -151,6 +169,7 @@ def bake(
                                               inputs[cand.weight])
             else:
                 d["corr"] = level_corrections_dense(cand, d["dense"], bias, dec.truncated, dec.levels, inputs[cand.weight])
+    done("correct")
     if importance == "data" and decomposed:
         n_levels = sum(len(d["ranks"]) for d in decomposed)
         say(f"scoring {n_levels} truncation levels on {len(next(iter(score_feeds.values())))} calibration samples")
@@ -176,18 +195,39 @@ def bake(
                 del d["corr"]
     else:
         raise ValueError(f"importance must be 'data' or 'spectral', not {importance!r}")
+    done("score")
     reference = _reference_outputs(model, graph, feeds, example_inputs)
     header, builder = _assemble(graph, decomposed, losses, skipped, feeds, reference, value_shapes)
     say(f"writing {path}")
     size = builder.write(path, header)
+    done("write")
     report = BakeReport(
         path=str(path), artifact_bytes=size, full_bytes=header["full_bytes"], skipped=skipped,
         layers=[BakedLayer(d["meta"]["name"], d["dec"].family, tuple(d["meta"]["dense"]["shape"]), d["meta"]["max_rank"],
                            d["ranks"], int(graph.initializers[d["meta"]["weight"]].nbytes)) for d in decomposed],
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, phases={k: round(v, 2) for k, v in phases.items()},
     )
-    say(f"done in {report.seconds:.1f} s")
+    say(f"done in {report.seconds:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.phases.items()))
     return report
+
+
+#: weights up to this many numbers are decomposed with one BLAS thread: their eigensolves and ALS
+#: products are too small to share, and a second thread that spins while the other core is busy made
+#: a 64x64x3x3 CP fit 7x slower on the 2-core machine (docs/RESULTS.md, bake time)
+SINGLE_THREAD_SIZE = 1 << 20
+
+
+def _blas_threads(limit: int | None):
+    """A context that caps BLAS threads at ``limit`` (threadpoolctl, where installed; None: no cap)."""
+    import contextlib
+
+    if limit is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=limit, user_api="blas")
 
 
 def _families(structure: str | Sequence[str]) -> list[str] | None:

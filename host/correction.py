@@ -102,12 +102,77 @@ def corrected_weight(cand: Candidate, w_k: np.ndarray, bias: np.ndarray | None, 
     return w.astype(w_k.dtype), b.astype(w_k.dtype)
 
 
-def level_corrections_dense(cand: Candidate, w: np.ndarray, bias: np.ndarray | None, truncated, levels: int,
-                            x: np.ndarray, min_std: float = 1e-6) -> np.ndarray:
-    """:func:`level_corrections` for any family: runs the layer with each level's dense weight.
+def input_moments(cand: Candidate, x: np.ndarray, kernel: Sequence[int] | None = None,
+                  chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and covariance ``(D, D)`` (float64, population) of what the layer multiplies its
+    weight with: the im2col patches ``(in, *kernel)`` of a conv (``D = in * K``; ``kernel`` defaults to
+    the node's ``kernel_shape``), the input features of a linear layer. Output channel ``c`` is
+    ``W_c . p`` over those vectors ``p``, so any weight's output mean and variance follow from these two
+    without running the layer again. Samples are taken ``chunk`` patch numbers at a time."""
+    if cand.kind == "conv":
+        from stn_edge.device.backends.geometry import conv_out, kernel_offsets, window_pads
+        from stn_edge.device.backends.numpy import _pad_spatial
 
-    ``truncated(j)`` returns the dense weight at level ``j``. Costs one layer evaluation per level.
+        attrs = cand.node.attrs
+        kernel = list(kernel if kernel is not None else attrs["kernel_shape"])
+        nd = x.ndim - 2
+        strides = list(attrs.get("strides") or [1] * nd)
+        dilations = list(attrs.get("dilations") or [1] * nd)
+        begin, end = window_pads(x.shape[2:], kernel, strides, dilations, attrs.get("pads"), attrs.get("auto_pad", "NOTSET"))
+        out = conv_out([d + b + e for d, b, e in zip(x.shape[2:], begin, end)], kernel, strides, dilations)
+        dim = x.shape[1] * int(np.prod(kernel))
+
+        def patches(xs: np.ndarray) -> np.ndarray:
+            xp = _pad_spatial(xs, begin, end, 0)
+            cols = np.stack([xp[sl] for sl in kernel_offsets(out, kernel, strides, dilations)], axis=2)  # (n, C, K, *out)
+            return np.moveaxis(cols.reshape(len(xs), dim, -1), 1, 2).reshape(-1, dim)
+
+        per_sample = dim * int(np.prod(out))
+    else:
+        dim = x.shape[-1]
+        x = x.reshape(-1, dim)
+        patches = lambda xs: xs  # noqa: E731
+        per_sample = dim
+    step = max(1, chunk // max(per_sample, 1))
+    total, gram, count = np.zeros(dim), np.zeros((dim, dim)), 0
+    for i in range(0, len(x), step):
+        p = patches(x[i:i + step]).astype(np.float64)
+        total += p.sum(axis=0)
+        gram += p.T @ p
+        count += len(p)
+    mean = total / max(count, 1)
+    return mean, gram / max(count, 1) - np.outer(mean, mean)
+
+
+def level_corrections_dense(cand: Candidate, w: np.ndarray, bias: np.ndarray | None, truncated, levels: int,
+                            x: np.ndarray, min_std: float = 1e-6, chunk: int = 1 << 24) -> np.ndarray:
+    """:func:`level_corrections` for any family, from each level's dense weight ``truncated(j)``.
+
+    Exact and cheap: the output statistics of every level come from the input's patch moments
+    (:func:`input_moments`, computed once), a few matrix products per level. A grouped conv, whose
+    channels read different inputs, is run once per level instead.
     """
+    if cand.kind == "conv" and int(cand.node.attrs.get("group", 1)) != 1:
+        return _level_corrections_direct(cand, w, bias, truncated, levels, x, min_std)
+    mean, cov = input_moments(cand, x, w.shape[2:] if cand.kind == "conv" else None, chunk)
+
+    def stats(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = (weight.T if cand.layout == "in_out" else weight.reshape(weight.shape[0], -1)).astype(np.float64)
+        return m @ mean, np.sqrt(np.maximum(np.einsum("od,de,oe->o", m, cov, m), 0.0))
+
+    mu_full, sd_full = stats(w)
+    bias = np.zeros(len(mu_full)) if bias is None else bias.astype(np.float64)
+    out = np.empty((levels, 2, len(mu_full)), np.float32)
+    for j in range(levels):
+        mu_k, sd_k = stats(truncated(j))
+        scale = np.where(sd_k > min_std, sd_full / np.maximum(sd_k, min_std), 1.0)
+        out[j, 0], out[j, 1] = scale, (mu_full + bias) - scale * (mu_k + bias)
+    return out
+
+
+def _level_corrections_direct(cand: Candidate, w: np.ndarray, bias: np.ndarray | None, truncated, levels: int,
+                              x: np.ndarray, min_std: float = 1e-6) -> np.ndarray:
+    """:func:`level_corrections_dense` by running the layer with each level's weight (grouped convs)."""
     if cand.kind == "conv":
         from stn_edge.device.backends.numpy import conv
 

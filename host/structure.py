@@ -20,25 +20,18 @@ Costs are capped so that a ResNet-18-sized model is searched in seconds: CP and 
 and no wall-clock cap, so the chosen structures do not depend on the machine's load; the report says
 when a family was skipped and why.
 
-Compute guard (:attr:`SearchLimits.max_macs_ratio`, 1.0 by default): a level is eligible only if its
-multiply-adds per output position (per sample for a linear layer, per output pixel for a conv; see
-:mod:`stn_edge.host.decompositions.macs`) are at most ``max_macs_ratio`` times the dense layer's. MACs
-grow with the level (bonds nest), so the eligible levels are a prefix of the ladder: the family is
-scored, and baked, on that prefix only (its error curve stays flat above the last eligible level's
-bytes), and skipped when not even its smallest level qualifies. A level that computes more than the
-dense layer would be slower than running dense at any budget that holds it, so it is no real option
-for the planner; dropping levels instead of whole families keeps a family whose small levels are
-cheap (a tensor train at very low ranks) in the running, judged fairly on what it can offer. The
-report says how many levels were dropped (``notes``) or why the family was skipped, and gives
-``macs_ratio`` (the top kept level's MACs over the dense layer's).
+Memory levels are never cut for speed. Every level a family offers stays in its ladder: speed is a
+load-time choice (the device's planner picks dense or a cheaper level when the budget allows and a
+latency limit asks for it, :mod:`stn_edge.cost`). Removing levels at bake cost up to 47 points of
+accuracy at 10% of the bytes on ResNet-20 (issue "Memory levels are never cut for speed").
 
-Op cost (:attr:`SearchLimits.op_cost_macs`, 5e5 by default): each op a factorized layer runs beyond
-the dense layer's one (:data:`EXTRA_OPS`: 1 for SVD, 3 for CP...) is charged that many multiply-adds
-per sample, spread over the layer's output positions, before the guard compares with the dense
-layer. It stands for onnxruntime's fixed ~10 us per op on an x86 core; on small layers (few pixels,
-few channels) it keeps four-op CP layers out and cuts the high levels where even SVD's second op
-does not pay. Measured on ResNet-20 at batch 1 on onnxruntime: 1.35/1.09/1.01x dense at 75/50/25%
-without it, 0.99/0.86/0.76x with it (docs/BENCHMARKS.md). ``None`` makes ops free.
+Speed breaks ties. Each family's compute is its multiply-adds over the dense layer's, averaged over
+the same log-bytes grid (the level a budget would hold; 1 where none fits and the layer runs dense),
+with a fixed cost per extra op (:attr:`SearchLimits.op_cost_macs`, 5e5 multiply-adds by default:
+onnxruntime's ~10 us per op on an x86 core, spread over the layer's output positions;
+:data:`stn_edge.cost.EXTRA_OPS`). Among the families whose score is within
+:attr:`SearchLimits.speed_tie` (relative) of the best, the one with the least compute wins. The report
+gives ``macs_ratio`` (the top level's compute over the dense layer's) and ``compute`` (the mean).
 """
 from __future__ import annotations
 
@@ -52,6 +45,7 @@ import numpy as np
 from stn_edge.host.decompositions.common import Decomposition, as_matrix, decompose_svd
 from stn_edge.host.decompositions.cp import decompose_cp
 from stn_edge.host.decompositions.fctn import decompose_fctn
+from stn_edge.cost import EXTRA_OPS
 from stn_edge.host.decompositions.macs import dense_macs, level_macs
 from stn_edge.host.decompositions.spatial import decompose_spatial
 from stn_edge.host.decompositions.tr import decompose_tr
@@ -74,15 +68,20 @@ class SearchLimits:
     ring_seconds: float | None = None
     spatial_both: bool = False  # also try the horizontal-first spatial SVD (costs a second big eigensolve)
     grid: int = 256  # points of the log-bytes grid the score averages over
-    # levels may do at most this many times the dense layer's multiply-adds per output position
-    # (None: no compute guard, accuracy per byte only); see the module doc
-    max_macs_ratio: float | None = 1.0
-    # what one op costs beyond its multiply-adds, in multiply-adds, at batch 1 (None: ops are free;
-    # the default stands for onnxruntime on an x86 core, see the module doc).
-    # A factorized layer runs EXTRA_OPS more ops than the dense one; on engines with a fixed cost per
-    # op (onnxruntime ~10 us on an x86 core, ~5e5 multiply-adds there) those ops dominate small
-    # layers. Needs the layer's output positions (bake passes them from the recorded shapes).
+    # what one op costs beyond its multiply-adds, in multiply-adds, at batch 1 (None: ops are free);
+    # the default stands for onnxruntime on an x86 core (~10 us per op). Needs the layer's output
+    # positions (bake passes them from the recorded shapes). Used to rank families by speed.
     op_cost_macs: float | None = 5e5
+    # families scoring within this relative margin of the best are ranked by compute instead
+    speed_tie: float = 0.02
+    # removed: levels are never cut for speed (kept so that passing it says why)
+    max_macs_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_macs_ratio is not None:
+            raise ValueError(
+                "SearchLimits(max_macs_ratio=...) is gone: bake keeps every memory level, and speed is chosen "
+                "at load time (Runtime.load(..., latency_limit_ms=...) with the engine's cost model or a profile)")
 
 
 def candidates(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits: SearchLimits,
@@ -165,12 +164,13 @@ def choose_structure(
 
     Returns
     -------
-    best : the :class:`Decomposition` with the lowest score.
+    best : the :class:`Decomposition` with the lowest score (the least compute among those within
+        :attr:`SearchLimits.speed_tie` of it), with every level it offers.
     report : one dict per candidate, best first: ``name, family, structure, score, err@10%, err@25%,
-        err@50%, levels, min_bytes, max_bytes, dense_bytes, seconds, chosen, macs_ratio`` (or ``skipped``
-        with why; a family skipped or cut by the compute guard says so, see the module doc).
+        err@50%, levels, min_bytes, max_bytes, dense_bytes, seconds, chosen, macs_ratio, compute`` (or
+        ``skipped`` with why: a size cap, or a shape the family cannot save bytes on).
     """
-    done: list[tuple[str, Decomposition, list[float]]] = []
+    done: list[tuple[str, Decomposition, list[float], list[float] | None]] = []
     report: list[dict[str, Any]] = []
     for name, family, fn, skip in candidates(candidate.kind, tuple(weight.shape), candidate.layout, levels, limits, families):
         if fn is None:
@@ -184,27 +184,26 @@ def choose_structure(
             continue
         errs = d.errors if gram is None else weighted_errors(d, weight, gram)
         d.seconds = time.perf_counter() - t0
-        macs_ratio = None
-        if candidate.kind != "embedding":  # a dense table lookup does no multiply-adds: nothing to compare
-            op_cost = limits.op_cost_macs / positions if limits.op_cost_macs and positions else 0.0
-            d, errs, macs_ratio, skip = _compute_guard(candidate, d, errs, limits.max_macs_ratio, op_cost)
-            if skip:
-                report.append({"name": name, "family": family, "skipped": skip, "macs_ratio": macs_ratio})
-                continue
-        done.append((name, d, errs, macs_ratio))
+        op_cost = limits.op_cost_macs / positions if limits.op_cost_macs and positions else 0.0
+        done.append((name, d, errs, _compute(candidate, d, op_cost)))
     if not done:
         raise ValueError(f"no decomposition family saves bytes on {candidate.weight!r} {tuple(weight.shape)}")
     dense = done[0][1].dense_bytes
     lo = min(d.level_bytes[0] for _, d, _, _ in done)
     grid = np.geomspace(lo, dense, limits.grid, endpoint=False) if lo < dense else np.array([float(lo)])
     scored = []
-    for name, d, errs, macs_ratio in done:
+    for name, d, errs, ratios in done:
         lb = d.level_bytes
         curve = [error_at(lb, errs, b) for b in grid]
-        scored.append((float(np.mean(curve)), name, d, errs, macs_ratio))
+        compute = None if ratios is None else float(np.mean([_ratio_at(lb, ratios, b) for b in grid]))
+        scored.append((float(np.mean(curve)), name, d, errs, ratios, compute))
     scored.sort(key=lambda s: s[0])
+    tie = scored[0][0] * (1 + limits.speed_tie) + 1e-12
+    fastest = min((s for s in scored if s[0] <= tie), key=lambda s: (s[5] if s[5] is not None else 0.0, s[0]))
+    scored.remove(fastest)
+    scored.insert(0, fastest)
     rows = []
-    for rank, (score, name, d, errs, macs_ratio) in enumerate(scored):
+    for rank, (score, name, d, errs, ratios, compute) in enumerate(scored):
         lb = d.level_bytes
         rows.append({
             "name": name, "family": d.family,
@@ -213,43 +212,24 @@ def choose_structure(
             **{f"err@{p}%": round(error_at(lb, errs, dense * p / 100), 6) for p in (10, 25, 50)},
             "levels": d.levels, "min_bytes": lb[0], "max_bytes": lb[-1], "dense_bytes": dense,
             "seconds": round(d.seconds, 4), "chosen": rank == 0,
-            **({"macs_ratio": macs_ratio} if macs_ratio is not None else {}), **({"notes": d.notes} if d.notes else {}),
+            **({"macs_ratio": round(ratios[-1], 3), "compute": round(compute, 3)} if ratios is not None else {}),
+            **({"notes": d.notes} if d.notes else {}),
         })
     return scored[0][2], rows + report
 
 
-#: ops a factorized layer runs beyond the dense layer's one (Conv/MatMul/Gemm, plus the Reshape and
-#: Transpose of activations that the tensor-network lowerings need)
-EXTRA_OPS = {"svd": 1, "svd-spatial": 1, "tucker2": 2, "cp": 3, "tt": 3, "tr": 4, "fctn": 4}
-
-
-def _compute_guard(candidate: Candidate, d: Decomposition, errs: list[float], ratio: float | None,
-                   op_cost: float = 0.0) -> tuple[Decomposition, list[float], float, str]:
-    """``(d cut to its eligible levels, their errors, top kept level's MACs / dense MACs, why skipped)``.
-
-    ``op_cost``: multiply-adds one extra op costs per output position; the family's extra ops
-    (:data:`EXTRA_OPS`) are added to every level's MACs (and the report says so)."""
+def _compute(candidate: Candidate, d: Decomposition, op_cost: float = 0.0) -> list[float] | None:
+    """Every level's multiply-adds per output position over the dense layer's, each extra op
+    (:data:`~stn_edge.cost.EXTRA_OPS`) charged ``op_cost``; None for an embedding (a lookup does none)."""
+    if candidate.kind == "embedding":
+        return None
     strides = candidate.node.attrs.get("strides") if candidate.kind == "conv" else None
-    dense = dense_macs(d)
+    dense = max(dense_macs(d), 1)
     extra = EXTRA_OPS.get(d.family, 1) * op_cost
-    macs = [level_macs(d, j, strides) + extra for j in range(d.levels)]
-    where = "per output pixel" if candidate.kind == "conv" else "per sample"
-    if extra:
-        where += f", {EXTRA_OPS.get(d.family, 1)} extra op(s) at {op_cost:,.0f} each"
-    if ratio is None:
-        return d, errs, round(macs[-1] / dense, 3), ""
-    keep = 0
-    while keep < d.levels and macs[keep] <= ratio * dense:
-        keep += 1
-    if keep == 0:
-        return d, errs, round(macs[0] / dense, 3), (
-            f"compute: even its smallest level needs {macs[0] / dense:.2f}x the dense layer's multiply-adds "
-            f"{where} ({macs[0]:,.0f} vs {dense:,}), above max_macs_ratio={ratio:g}")
-    if keep < d.levels:
-        top_bytes = d.level_bytes[keep - 1]
-        note = (f"compute: kept the {keep} lowest of {d.levels} levels (up to {top_bytes:,} bytes); the ones above "
-                f"need up to {macs[-1] / dense:.2f}x the dense layer's multiply-adds {where} (max_macs_ratio={ratio:g})")
-        d = d.prefix(keep)
-        d.notes = f"{d.notes}; {note}" if d.notes else note
-        errs = list(errs[:keep])
-    return d, errs, round(macs[keep - 1] / dense, 3), ""
+    return [(level_macs(d, j, strides) + extra) / dense for j in range(d.levels)]
+
+
+def _ratio_at(level_bytes: Sequence[int], ratios: Sequence[float], budget: float) -> float:
+    """Compute ratio of the best level holding at most ``budget`` bytes (1: the layer runs dense)."""
+    fit = [r for b, r in zip(level_bytes, ratios) if b <= budget]
+    return fit[-1] if fit else 1.0

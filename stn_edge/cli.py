@@ -108,7 +108,8 @@ def _runtime(args: argparse.Namespace):
     from stn_edge.device import Runtime
 
     return Runtime.load(args.artifact, mem_limit=args.mem_limit, backend=args.backend, device=args.device,
-                        batch_size=getattr(args, "batch_size", 1))
+                        batch_size=getattr(args, "batch_size", 1), latency_limit_ms=args.latency_limit_ms,
+                        profile=args.profile)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -117,12 +118,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     with ArtifactReader(args.artifact) as reader:
         if args.backend is None:
+            if args.latency_limit_ms is not None:
+                raise InputError("plan --latency-limit-ms needs --backend: latency is predicted per engine")
             plan = plan_artifact(reader, args.mem_limit)
         else:  # count the engine's copies and the activations, as Runtime.load on that backend does
             from stn_edge.device.backends import get_backend
             from stn_edge.device.runtime import Runtime
 
             rt = Runtime(reader, get_backend(args.backend), "cpu", f"requested {args.backend!r}")
+            rt.limit_latency(args.latency_limit_ms, args.profile)
             plan = rt.plan_for(args.mem_limit, args.batch_size)  # reads the header only; checks the batch size
     _emit(args, plan.to_dict(), plan.table())
     return 0
@@ -330,6 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--mem-limit", default=None, help="budget: bytes, 12MB, 3MiB or 35%% (default: full model)")
             sp.add_argument("--backend", default="auto", help="numpy, onnxruntime, ... or auto (default)")
             sp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+            latency(sp)
+
+    def latency(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--latency-limit-ms", type=float, default=None,
+                        help="also keep the predicted latency at batch 1 within this (default: the most accurate "
+                             "plan within --mem-limit)")
+        sp.add_argument("--profile", default=None,
+                        help="with --latency-limit-ms: a per-layer table from 'stn-edge profile --per-layer' "
+                             "(default: the engine's cost model)")
 
     def batch_size(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--batch-size", type=int, default=1,
@@ -362,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: weights only)")
     sp.add_argument("--mem-limit", default=None, help="budget: bytes, 12MB, 3MiB or 35%% (default: full model)")
     sp.add_argument("--batch-size", type=int, default=1, help="with --backend: the batch whose activations count (default 1)")
+    latency(sp)
     common(sp)
     sp.set_defaults(func=cmd_plan)
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import heapq
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
+from stn_edge.cost import EngineCost, LayerCost, layer_cost
 from stn_edge.errors import BudgetError
 
 if TYPE_CHECKING:
@@ -79,6 +80,28 @@ class LadderSpec:
     loss: tuple[float, ...]
     dense_bytes: int
     max_rank: int
+    #: predicted time of each level and of the dense layer on the runtime's engine (None: unknown)
+    cost: LayerCost | None = None
+
+    def options(self) -> list["Option"]:
+        """Every useful option, cheapest first: the levels below the dense bytes, then dense."""
+        opts = [Option(b, float(l), j) for j, (b, l) in enumerate(zip(self.bytes, self.loss)) if b < self.dense_bytes]
+        opts.append(Option(self.dense_bytes, 0.0, None))
+        return sorted(opts, key=lambda o: (o.bytes, o.loss))
+
+    def choice(self, option: "Option") -> "LayerChoice":
+        """The plan's record of running this layer as ``option``."""
+        rank = self.max_rank if option.level is None else self.ranks[option.level]
+        ratio = None if self.cost is None else self.cost.ratio(option.level)
+        return LayerChoice(self.name, self.family, option.level, rank, self.max_rank, option.bytes, option.loss, ratio)
+
+
+class Option(NamedTuple):
+    """One way to run a layer: ``level`` of its ladder (None: dense), its bytes and predicted loss."""
+
+    bytes: int
+    loss: float
+    level: int | None
 
 
 @dataclass(frozen=True)
@@ -92,6 +115,8 @@ class LayerChoice:
     max_rank: int
     bytes: int
     loss: float
+    #: predicted time over the dense layer's on the runtime's engine (None: not known)
+    time_ratio: float | None = None
 
     @property
     def dense(self) -> bool:
@@ -140,7 +165,7 @@ class Plan:
             "batch_size": self.batch_size,
             "layers": [
                 {"name": c.name, "family": "dense" if c.dense else c.family, "rank": c.rank, "max_rank": c.max_rank,
-                 "bytes": c.bytes, "loss": c.loss}
+                 "bytes": c.bytes, "loss": c.loss, "time_vs_dense": c.time_ratio}
                 for c in self.layers
             ],
         }
@@ -153,16 +178,31 @@ class Plan:
         return (f"{format_bytes(self.total_bytes)} of {format_bytes(self.full_bytes)} "
                 f"({self.total_bytes / max(self.full_bytes, 1):.0%}); {len(fact)}/{len(self.layers)} layers factorized, {spread}")
 
+    def slower_than_dense(self) -> list[LayerChoice]:
+        """Layers the engine's cost model predicts to run slower at their level than dense."""
+        return [c for c in self.layers if c.time_ratio is not None and c.time_ratio > 1.0]
+
     def table(self) -> str:
-        """A human-readable table: one row per layer (family, rank kept/max, bytes, predicted loss)."""
-        rows = [("layer", "run as", "rank", "bytes", "pred. loss")]
+        """A human-readable table: one row per layer (family, rank kept/max, bytes, predicted loss,
+        and, where the engine's cost model knows it, predicted time against the dense layer)."""
+        timed = any(c.time_ratio is not None for c in self.layers)
+        rows = [("layer", "run as", "rank", "bytes", "pred. loss") + (("time vs dense",) if timed else ())]
         for c in self.layers:
-            rows.append((c.name, "dense" if c.dense else c.family, f"{c.rank}/{c.max_rank}", format_bytes(c.bytes), f"{c.loss:.3g}"))
-        rows.append(("(not factorized)", "dense", "", format_bytes(self.fixed_bytes), ""))
-        rows.append(("total", "", "", format_bytes(self.total_bytes), f"{self.loss:.3g}"))
+            row = (c.name, "dense" if c.dense else c.family, f"{c.rank}/{c.max_rank}", format_bytes(c.bytes), f"{c.loss:.3g}")
+            if timed:
+                row += ("" if c.time_ratio is None else f"{c.time_ratio:.2f}x" + (" slower" if c.time_ratio > 1.0 else ""),)
+            rows.append(row)
+        pad = ("",) if timed else ()
+        rows.append(("(not factorized)", "dense", "", format_bytes(self.fixed_bytes), "") + pad)
+        rows.append(("total", "", "", format_bytes(self.total_bytes), f"{self.loss:.3g}") + pad)
         acts = (f"; activations {format_bytes(self.activation_bytes)} at batch {self.batch_size}"
                 if self.activation_bytes else "")
-        return format_table(rows) + f"\nweight budget {format_bytes(self.budget)}; {self.summary()}{acts}"
+        text = format_table(rows) + f"\nweight budget {format_bytes(self.budget)}; {self.summary()}{acts}"
+        slow = self.slower_than_dense()
+        if slow:
+            text += (f"\n{len(slow)} layer(s) predicted slower than dense at this budget (the memory budget comes "
+                     "first; pass latency_limit_ms to trade accuracy for speed)")
+        return text
 
 
 def format_bytes(n: int) -> str:
@@ -181,16 +221,9 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _options(spec: LadderSpec) -> list[tuple[int, float, int | None]]:
-    """(bytes, loss, level) for every useful option of a layer; level None is dense."""
-    opts = [(b, float(l), j) for j, (b, l) in enumerate(zip(spec.bytes, spec.loss)) if b < spec.dense_bytes]
-    opts.append((spec.dense_bytes, 0.0, None))
-    return sorted(opts, key=lambda o: (o[0], o[1]))
-
-
-def _lower_hull(opts: list[tuple[int, float, int | None]]) -> list[tuple[int, float, int | None]]:
+def _lower_hull(opts: list[Option]) -> list[Option]:
     """Points of the lower convex hull of (bytes, loss) with loss strictly decreasing."""
-    pts: list[tuple[int, float, int | None]] = []
+    pts: list[Option] = []
     for p in opts:
         if pts and p[1] >= pts[-1][1]:
             continue  # costs more, loses no less
@@ -210,7 +243,7 @@ def plan_ranks(specs: Sequence[LadderSpec], fixed_bytes: int, budget: int, full_
 
     Raises :class:`BudgetError` stating the smallest feasible budget when ``budget`` is below it.
     """
-    options = [_options(s) for s in specs]
+    options = [s.options() for s in specs]
     hulls = [_lower_hull(o) for o in options]
     pick = [0] * len(specs)
     chosen = [h[0] for h in hulls]
@@ -244,7 +277,7 @@ def plan_ranks(specs: Sequence[LadderSpec], fixed_bytes: int, budget: int, full_
     improved = True
     while improved:
         improved = False
-        best: tuple[float, int, tuple[int, float, int | None]] | None = None
+        best: tuple[float, int, Option] | None = None
         for i, opts in enumerate(options):
             for o in opts:
                 gain = chosen[i][1] - o[1]
@@ -255,10 +288,7 @@ def plan_ranks(specs: Sequence[LadderSpec], fixed_bytes: int, budget: int, full_
             used += o[0] - chosen[i][0]
             chosen[i] = o
             improved = True
-    layers = []
-    for spec, (b, l, level) in zip(specs, chosen):
-        rank = spec.max_rank if level is None else spec.ranks[level]
-        layers.append(LayerChoice(spec.name, spec.family, level, rank, spec.max_rank, b, l))
+    layers = [spec.choice(o) for spec, o in zip(specs, chosen)]
     return Plan(budget=budget, full_bytes=full_bytes, fixed_bytes=fixed_bytes, layers=layers)
 
 
@@ -269,15 +299,15 @@ def plan_uniform(specs: Sequence[LadderSpec], fixed_bytes: int, budget: int, ful
     smallest level if none is), or runs dense when that level would not save bytes. Losses are
     ignored: this is the "uniform truncation" baseline the greedy planner is measured against.
     """
-    def choose(ratio: float) -> list[tuple[int, float, int | None]]:
+    def choose(ratio: float) -> list[Option]:
         picked = []
         for s in specs:
             levels = [j for j, r in enumerate(s.ranks) if r <= ratio * s.max_rank] or [0]
             j = levels[-1]
             if ratio >= 1.0 or s.bytes[j] >= s.dense_bytes:
-                picked.append((s.dense_bytes, 0.0, None))
+                picked.append(Option(s.dense_bytes, 0.0, None))
             else:
-                picked.append((s.bytes[j], s.loss[j], j))
+                picked.append(Option(s.bytes[j], s.loss[j], j))
         return picked
 
     lo, hi = 0.0, 1.0
@@ -295,8 +325,7 @@ def plan_uniform(specs: Sequence[LadderSpec], fixed_bytes: int, budget: int, ful
     if used > budget:
         raise BudgetError(f"budget {format_bytes(budget)} is below the smallest uniform plan, {format_bytes(used)}; "
                           f"raise mem_limit to at least {used}", smallest_feasible=used)
-    layers = [LayerChoice(s.name, s.family, lvl, s.max_rank if lvl is None else s.ranks[lvl], s.max_rank, b, l)
-              for s, (b, l, lvl) in zip(specs, chosen)]
+    layers = [s.choice(o) for s, o in zip(specs, chosen)]
     return Plan(budget=budget, full_bytes=full_bytes, fixed_bytes=fixed_bytes, layers=layers)
 
 
@@ -311,15 +340,42 @@ def plan_artifact(reader: "ArtifactReader", mem_limit: int | float | str | None)
     return plan_ranks(specs, fixed, parse_budget(mem_limit, full), full)
 
 
-def ladder_specs(reader: "ArtifactReader") -> tuple[list[LadderSpec], int]:
-    """The planner's view of an artifact: one :class:`LadderSpec` per layer, and the bytes never factorized."""
+def ladder_specs(reader: "ArtifactReader", engine: EngineCost | None = None) -> tuple[list[LadderSpec], int]:
+    """The planner's view of an artifact: one :class:`LadderSpec` per layer, and the bytes never factorized.
+
+    With ``engine``, each spec carries the engine's predicted time of every level and of the dense
+    layer (from the header: structure, strides, recorded value shapes; none for artifacts without them).
+    """
+    costs = layer_costs(reader.header, engine) if engine is not None else {}
     specs = [
         LadderSpec(
             name=l["name"], family=l["family"], ranks=tuple(l["ladder"]["ranks"]), bytes=tuple(l["ladder"]["bytes"]),
             loss=tuple(float(x) for x in l["ladder"]["loss"]), dense_bytes=reader.array_ref(l["dense"]).nbytes,
-            max_rank=int(l.get("max_rank", l["ladder"]["ranks"][-1])),
+            max_rank=int(l.get("max_rank", l["ladder"]["ranks"][-1])), cost=costs.get(l["name"]),
         )
         for l in reader.header["layers"]
     ]
     fixed = sum(reader.array_ref(r).nbytes for r in reader.header["tensors"].values())
     return specs, fixed
+
+
+def layer_costs(header: dict[str, Any], engine: EngineCost) -> dict[str, LayerCost]:
+    """Predicted time per level of every factorized layer whose output shape the header records.
+
+    A layer whose record the cost model cannot read (an unknown family, a field of the wrong type)
+    gets no prediction: the cost model informs the plan, it never stops a load."""
+    shapes = header.get("value_shapes") or {}
+    out = {}
+    try:
+        attrs = {n["name"]: (n.get("attrs") or {}, n["outputs"][0]) for n in header["model"]["nodes"]}
+    except (KeyError, TypeError, IndexError, AttributeError):
+        return out
+    for l in header["layers"]:
+        try:
+            node_attrs, output = attrs.get(l["node"], ({}, None))
+            rec = shapes.get(output) if isinstance(output, str) else None
+            if rec is not None:
+                out[l["name"]] = layer_cost(l, node_attrs, rec[0], engine)  # strides are plain ints in the header
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError):
+            continue
+    return out

@@ -48,3 +48,21 @@ def test_corrected_layer_has_full_rank_statistics(conv_case):
     np.testing.assert_allclose(fixed.std(axis=(0, 2, 3)), full.std(axis=(0, 2, 3)), rtol=1e-3, atol=1e-3)
     # and it is a real change: the raw truncation's statistics were off
     assert np.abs(raw.std(axis=(0, 2, 3)) - full.std(axis=(0, 2, 3))).max() > 0.05
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_moments_equal_running_the_layer_per_level(conv_case, kind):
+    """The patch-moment shortcut gives the corrections a per-level evaluation of the layer gives."""
+    from stn_edge.host.correction import _level_corrections_direct
+
+    cand, w, bias, a, b, x = conv_case
+    rng = np.random.default_rng(1)
+    if kind == "linear":  # a (in, out) MatMul on a (batch, seq, in) input
+        w = rng.standard_normal((10, 7)).astype(np.float32)
+        bias = rng.standard_normal(7).astype(np.float32)
+        x = (rng.standard_normal((5, 4, 10)) + 0.5).astype(np.float32)
+        cand = Candidate(Node("MatMul", "m", ["x", "w"], ["y"], {}), "w", "linear", "in_out")
+    levels = [w * s for s in (0.3, 0.7, 1.0)] + [w + rng.standard_normal(w.shape).astype(np.float32) * 0.1]
+    fast = level_corrections_dense(cand, w, bias, lambda j: levels[j], len(levels), x, chunk=1000)
+    slow = _level_corrections_direct(cand, w, bias, lambda j: levels[j], len(levels), x)
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)

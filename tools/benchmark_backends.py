@@ -116,8 +116,11 @@ def baked(name: str, out: Path, rebake: bool = False, structure: str = "svd", op
 
 
 def side_by_side(path: Path, backend: str, budgets: list[str], batches: list[int], seconds: float,
-                 macs: dict[str, tuple[int, int]]) -> list[dict]:
-    """Rows ``{budget, batch, p50_ms, dense_p50_ms, latency_ratio, flop_ratio, ...}`` for one backend."""
+                 macs: dict[str, tuple[int, int]], as_fast_as_dense: bool = False) -> list[dict]:
+    """Rows ``{budget, batch, p50_ms, dense_p50_ms, latency_ratio, flop_ratio, ...}`` for one backend.
+
+    ``as_fast_as_dense``: also load each budget with ``latency_limit_ms`` at the dense model's
+    predicted latency (the engine's cost model), rows named ``"<budget> <=dense"``."""
     from stn_edge.device import Runtime
     from stn_edge.device.profile import calibration_feeds, model_macs, time_side_by_side
     from stn_edge.errors import BudgetError
@@ -129,6 +132,14 @@ def side_by_side(path: Path, backend: str, budgets: list[str], batches: list[int
             runtimes[b] = Runtime.load(path, mem_limit=b, backend=backend, batch_size=top)
         except BudgetError as exc:
             print(f"[bench] {path.name} {b}: {exc}", file=sys.stderr)
+    if as_fast_as_dense:
+        limit = runtimes["dense"].predict_latency_ms()
+        for b in budgets:
+            try:
+                runtimes[f"{b} <=dense"] = Runtime.load(path, mem_limit=b, backend=backend, batch_size=top,
+                                                        latency_limit_ms=limit)
+            except BudgetError as exc:
+                print(f"[bench] {path.name} {b} within the dense latency: {exc}", file=sys.stderr)
     for b, rt in runtimes.items():
         if b not in macs:
             macs[b] = model_macs(rt, calibration_feeds(rt, 1))
@@ -150,7 +161,8 @@ def side_by_side(path: Path, backend: str, budgets: list[str], batches: list[int
                 "dense_p50_ms": dense.p50_ms, "runs": lat[b].runs, "latency_ratio": lat[b].p50_ms / dense.p50_ms,
                 "min_ratio": lat[b].min_ms / dense.min_ms,
                 "flop_ratio": macs[b][0] / macs["dense"][0], "macs": macs[b][0], "dense_macs": macs["dense"][0],
-                "plan": rt.plan.summary(),
+                "plan": rt.plan.summary(), "predicted_loss": rt.plan.loss,
+                "slower_than_dense_layers": len(rt.plan.slower_than_dense()),
             })
             print(f"[bench] {path.stem} {backend} batch {batch} {b}: {lat[b].p50_ms:.3f} ms vs dense {dense.p50_ms:.3f} ms "
                   f"(x{rows[-1]['latency_ratio']:.2f}, FLOPs x{rows[-1]['flop_ratio']:.2f})", file=sys.stderr)
@@ -250,11 +262,13 @@ def markdown(result: dict) -> str:
         if not rows:
             continue
         lines += [f"### {model}", "", "| backend | batch | dense p50 ms | budget | bytes kept | p50 ms | latency ratio "
-                  "| (ratio of min times) | FLOP ratio |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| (ratio of min times) | FLOP ratio | pred. loss | layers slower than dense |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['backend']} | {r['batch']} | {r['dense_p50_ms']:.3f} | {r['budget']} | "
                          f"{r['model_bytes'] / r['full_bytes']:.0%} | {r['p50_ms']:.3f} | {r['latency_ratio']:.2f} | "
-                         f"({r['min_ratio']:.2f}) | {r['flop_ratio']:.2f} |")
+                         f"({r['min_ratio']:.2f}) | {r['flop_ratio']:.2f} | {r.get('predicted_loss', float('nan')):.3g} | "
+                         f"{r.get('slower_than_dense_layers', '')} |")
         lines.append("")
     if result["targets"]:
         lines += ["### Targets (onnxruntime CPU, batch 1, budgets of 2x compression or more)", "",
@@ -309,6 +323,8 @@ def main() -> None:
     ap.add_argument("--latency-model", action="store_true",
                     help="also time every layer alone on onnxruntime and compare predicted with measured latency")
     ap.add_argument("--skip-load", action="store_true", help="skip the load-time comparison")
+    ap.add_argument("--as-fast-as-dense", action="store_true",
+                    help="also load each budget with latency_limit_ms at the dense model's predicted latency")
     args = ap.parse_args()
     if args.cpus:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cpus])
@@ -332,7 +348,7 @@ def main() -> None:
         path = baked(model, out, args.rebake, args.structure, args.op_cost)
         macs: dict[str, tuple[int, int]] = {}
         for backend in backends:
-            for row in side_by_side(path, backend, budgets, batches, args.seconds, macs):
+            for row in side_by_side(path, backend, budgets, batches, args.seconds, macs, args.as_fast_as_dense):
                 result["rows"].append({"model": model, **row})
         if "onnxruntime" in backends and not args.skip_load:
             result["load"].append(load_times(path, out))

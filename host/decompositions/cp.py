@@ -80,15 +80,20 @@ def _als(x: np.ndarray, factors: list[np.ndarray], iters: int, deadline: float, 
         t = (b.T @ x_o).reshape(-1, i, kh, kw)                              # (R, i, kh, kw)
         gb = b.T @ b
         for which in range(3):
+            # the three contractions as batched matmuls over the rank (einsum's path search per
+            # call cost more than the arithmetic on these small kernels)
             if which == 0:
-                m = np.einsum("riyx,yr,xr->ir", t, h, v, optimize=True)
+                hv = (h[:, None, :] * v[None, :, :]).reshape(kh * kw, -1)                # (K, R)
+                m = np.matmul(t.reshape(len(t), i, kh * kw), hv.T[:, :, None])[..., 0].T   # (i, R)
                 g = gb * (h.T @ h) * (v.T @ v)
-            elif which == 1:
-                m = np.einsum("riyx,ir,xr->yr", t, a, v, optimize=True)
-                g = gb * (a.T @ a) * (v.T @ v)
             else:
-                m = np.einsum("riyx,ir,yr->xr", t, a, h, optimize=True)
-                g = gb * (a.T @ a) * (h.T @ h)
+                ta = np.matmul(a.T[:, None, :], t.reshape(len(t), i, kh * kw))[:, 0, :].reshape(-1, kh, kw)  # (R, kh, kw)
+                if which == 1:
+                    m = np.matmul(ta, v.T[:, :, None])[..., 0].T                          # (kh, R)
+                    g = gb * (a.T @ a) * (v.T @ v)
+                else:
+                    m = np.matmul(h.T[:, None, :], ta)[:, 0, :].T                         # (kw, R)
+                    g = gb * (a.T @ a) * (h.T @ h)
             new = np.linalg.solve(g + ridge * np.trace(g) / len(g) * np.eye(len(g)), m.T).T
             norms = np.linalg.norm(new, axis=0)
             norms[norms == 0] = 1.0
@@ -187,7 +192,9 @@ def fit_cp_nested(w: np.ndarray, ranks: list[int], iters: int = 30, seconds: flo
             left = max(t_end - time.perf_counter(), 0.0)
             deadline = time.perf_counter() + left * (r - start) / max(ranks[-1] - start, 1)
         f = _als(residual, _svd_start(residual, r - start, rng), iters, deadline, ridge)
-        residual -= np.einsum("or,ir,yr,xr->oiyx", *f, optimize=True)
+        b, a, h, v = f
+        residual -= (b @ (a[:, None, None, :] * h[None, :, None, :] * v[None, None, :, :]).reshape(-1, b.shape[1]).T
+                     ).reshape(residual.shape)
         blocks.append(f)
         start = r
     factors = [np.concatenate([blk[k] for blk in blocks], axis=1) for k in range(4)]
