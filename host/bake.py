@@ -99,7 +99,7 @@ def bake(
         artifact with reference outputs. Defaults to ``example_inputs``.
     levels : truncation levels per layer in the ladder (at most).
     structure : ``"auto"`` (default: search the decomposition structure per layer among
-        :data:`stn_edge.host.structure.FAMILIES`, the most accuracy per byte, see docs/RESULTS.md;
+        :func:`stn_edge.host.decompositions.names`, the most accuracy per byte, see docs/RESULTS.md;
         every family holds one copy of its factors on the device, as ``mem_limit`` counts them),
         ``"svd"`` (truncated SVD of the output matricization for every layer: the fastest bake,
         several times faster than the search), or a list of family names to choose from. Every
@@ -232,14 +232,14 @@ def _blas_threads(limit: int | None):
 
 def _families(structure: str | Sequence[str]) -> list[str] | None:
     """The decomposition families ``structure`` allows (None: all, searched per layer)."""
-    from stn_edge.host.structure import FAMILIES
+    from stn_edge.host.decompositions import names
 
     if structure == "auto":
         return None
     wanted = [structure] if isinstance(structure, str) else list(structure)
-    unknown = [f for f in wanted if f not in FAMILIES]
+    unknown = [f for f in wanted if f not in names()]
     if unknown:
-        raise ValueError(f"unknown decomposition families {unknown}; known: {', '.join(FAMILIES)} (or 'auto')")
+        raise ValueError(f"unknown decomposition families {unknown}; known: {', '.join(names())} (or 'auto')")
     return wanted
 
 
@@ -305,7 +305,7 @@ def _decompose(cand: Candidate, w: np.ndarray, levels: int, families: list[str] 
                input_rank: int | None, limits: SearchLimits | None = None,
                positions: int | None = None) -> dict[str, Any]:
     """Decompose one weight with the best family (or SVD); the layer fields and ladder helpers."""
-    from stn_edge.host.decompositions.common import decompose_svd
+    from stn_edge.host.decompositions.svd import decompose_svd
     from stn_edge.host.structure import SearchLimits, choose_structure
 
     report: list[dict[str, Any]] = []

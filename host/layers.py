@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stn_edge.graph import Graph, Node
-from stn_edge.host.decompositions.svd import break_even_rank
+from stn_edge.host.decompositions.common import break_even_rank
 
 #: weights smaller than this stay dense: the extra op costs more time than the bytes saved are worth
 MIN_FACTOR_BYTES = 4096

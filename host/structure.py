@@ -29,7 +29,7 @@ Speed breaks ties. Each family's compute is its multiply-adds over the dense lay
 the same log-bytes grid (the level a budget would hold; 1 where none fits and the layer runs dense),
 with a fixed cost per extra op (:attr:`SearchLimits.op_cost_macs`, 5e5 multiply-adds by default:
 onnxruntime's ~10 us per op on an x86 core, spread over the layer's output positions;
-:data:`stn_edge.cost.EXTRA_OPS`). Among the families whose score is within
+:func:`stn_edge.cost.extra_ops`). Among the families whose score is within
 :attr:`SearchLimits.speed_tie` (relative) of the best, the one with the least compute wins. The report
 gives ``macs_ratio`` (the top level's compute over the dense layer's) and ``compute`` (the mean).
 """
@@ -42,20 +42,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from stn_edge.host.decompositions.common import Decomposition, as_matrix, decompose_svd
-from stn_edge.host.decompositions.cp import decompose_cp
-from stn_edge.host.decompositions.fctn import decompose_fctn
-from stn_edge.cost import EXTRA_OPS
+from stn_edge.cost import extra_ops
+from stn_edge.host import decompositions
+from stn_edge.host.decompositions.common import Decomposition, as_matrix
 from stn_edge.host.decompositions.macs import dense_macs, level_macs
-from stn_edge.host.decompositions.spatial import decompose_spatial
-from stn_edge.host.decompositions.tr import decompose_tr
-from stn_edge.host.decompositions.tt import decompose_tt
-from stn_edge.host.decompositions.tucker import decompose_tucker2
 from stn_edge.host.layers import Candidate
-
-#: families the search knows, in report order
-FAMILIES = ("svd", "svd-spatial", "tucker2", "cp", "tt", "tr", "fctn")
-
 
 @dataclass(frozen=True)
 class SearchLimits:
@@ -86,40 +77,12 @@ class SearchLimits:
 
 def candidates(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits: SearchLimits,
                families: Sequence[str] | None = None) -> list[tuple[str, str, Callable[[np.ndarray], Decomposition] | None, str]]:
-    """``(name, family, decompose, why skipped)`` for every family/tensorization that applies."""
-    want = set(families or FAMILIES)
-    size = math.prod(shape)
-    out: list[tuple[str, str, Any, str]] = []
-
-    def add(name: str, family: str, fn: Any, skip: str = "") -> None:
-        if family in want:
-            out.append((name, family, None if skip else fn, skip))
-
-    add("svd", "svd", lambda w: decompose_svd(w, kind, layout, levels))
-    if kind == "embedding":  # only svd lowers a table lookup (Gather on a^T)
-        return out
-    if kind == "linear":
-        add("tt/d2", "tt", lambda w: decompose_tt(w, kind, layout, levels, d=2))
-        add("tt/d3", "tt", lambda w: decompose_tt(w, kind, layout, levels, d=3))
-        return out
-    spatial = shape[2:]
-    kernel = math.prod(spatial)
-    if len(spatial) == 2 and kernel > 1:
-        add("svd-spatial/h", "svd-spatial", lambda w: decompose_spatial(w, levels, "h"))
-        if limits.spatial_both or spatial[0] != spatial[1]:
-            add("svd-spatial/w", "svd-spatial", lambda w: decompose_spatial(w, levels, "w"))
-    if kernel > 1:
-        add("tucker2", "tucker2", lambda w: decompose_tucker2(w, levels))
-    if len(spatial) == 2 and kernel > 1:
-        skip = f"kernel of {size} weights is above cp_max_size={limits.cp_max_size}" if size > limits.cp_max_size else ""
-        add("cp", "cp", lambda w: decompose_cp(w, levels, max_work=limits.cp_max_work, seconds=limits.cp_seconds), skip)
-    if len(spatial) == 2:
-        add("tt", "tt", lambda w: decompose_tt(w, kind, layout, levels))
-    if kernel > 1:
-        skip = f"kernel of {size} weights is above ring_max_size={limits.ring_max_size}" if size > limits.ring_max_size else ""
-        add("tr", "tr", lambda w: decompose_tr(w, levels, seconds=limits.ring_seconds), skip)
-        add("fctn", "fctn", lambda w: decompose_fctn(w, levels, seconds=limits.ring_seconds), skip)
-    return out
+    """``(name, family, decompose, why skipped)`` for every registered family/tensorization that applies
+    (:func:`stn_edge.host.decompositions.search_families`, in their order)."""
+    want = set(families or decompositions.names())
+    return [(t.name, f.name, None if t.skipped else t.decompose, t.skipped)
+            for f in decompositions.search_families() if f.name in want
+            for t in f.trials(kind, tuple(shape), layout, levels, limits)]
 
 
 def weighted_errors(d: Decomposition, w: np.ndarray, gram: np.ndarray) -> list[float]:
@@ -156,7 +119,7 @@ def choose_structure(
     candidate : the layer (its ``kind`` and ``layout`` say how to read ``weight``).
     weight : the dense weight, in the node's layout.
     levels : ladder levels per family (at most).
-    families : restrict the search to these family names (default: all of :data:`FAMILIES`).
+    families : restrict the search to these family names (default: every registered one, :func:`stn_edge.host.decompositions.names`).
     gram : optional input-activation Gram matrix for output-weighted errors.
     limits : size and time caps (see :class:`SearchLimits`).
     positions : output positions per sample (pixels of a conv's output, rows of a linear layer's):
@@ -220,12 +183,12 @@ def choose_structure(
 
 def _compute(candidate: Candidate, d: Decomposition, op_cost: float = 0.0) -> list[float] | None:
     """Every level's multiply-adds per output position over the dense layer's, each extra op
-    (:data:`~stn_edge.cost.EXTRA_OPS`) charged ``op_cost``; None for an embedding (a lookup does none)."""
+    (:func:`~stn_edge.cost.extra_ops`) charged ``op_cost``; None for an embedding (a lookup does none)."""
     if candidate.kind == "embedding":
         return None
     strides = candidate.node.attrs.get("strides") if candidate.kind == "conv" else None
     dense = max(dense_macs(d), 1)
-    extra = EXTRA_OPS.get(d.family, 1) * op_cost
+    extra = extra_ops(d.family) * op_cost
     return [(level_macs(d, j, strides) + extra) / dense for j in range(d.levels)]
 
 

@@ -197,14 +197,14 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 def _structure(text: str) -> str | list[str]:
     """``--structure``: ``auto``, one family, or a comma-separated list of families."""
-    from stn_edge.host.structure import FAMILIES
+    from stn_edge.host.decompositions import names as known
 
     names = [t.strip() for t in text.split(",") if t.strip()]
     if names == ["auto"]:
         return "auto"
-    unknown = [n for n in names if n not in FAMILIES]
+    unknown = [n for n in names if n not in known()]
     if not names or unknown:
-        raise InputError(f"--structure {text!r}: unknown families {unknown}; use auto, or some of {', '.join(FAMILIES)}")
+        raise InputError(f"--structure {text!r}: unknown families {unknown}; use auto, or some of {', '.join(known())}")
     return names[0] if len(names) == 1 else names
 
 

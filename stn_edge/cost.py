@@ -9,7 +9,8 @@ Multiply-adds of a factorized layer are counted per *output position*: per input
 layer (per sample at batch 1), per output pixel for a conv, as :mod:`stn_edge.lowering` runs it. Ops
 that run before a conv's strided kernel op (its 1x1 input projection) run at input resolution, so a
 stride ``(sh, sw)`` multiplies them by ``sh * sw`` per output pixel (padding's border effect is
-ignored). With ``O, I`` the output/input channels (features), ``K = kh * kw`` and ``s = sh * sw``:
+ignored). Each family counts its own (:attr:`stn_edge.families.Family.macs`); for the built-in ones,
+with ``O, I`` the output/input channels (features), ``K = kh * kw`` and ``s = sh * sw``:
 
 =================  ===================================================================================
 dense conv         ``O I K``;  dense linear ``O I``;  embedding: a Gather, 0
@@ -32,7 +33,8 @@ of the other modes and can do far more.
 
 The latency model (:class:`EngineCost`) is ``macs / rate + ops * op_us`` per engine: every engine
 pays a fixed cost per op (measured here: ~10 us on onnxruntime and LiteRT, ~25 us on torch, on one
-x86 core), so a factorized layer's extra ops (:data:`EXTRA_OPS`) decide small layers.
+x86 core), so a factorized layer's extra ops (:func:`extra_ops`: the Reshape and Transpose of activations
+and the extra Conv/MatMul a lowering runs) decide small layers.
 """
 from __future__ import annotations
 
@@ -40,9 +42,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-#: ops a factorized layer runs beyond the dense layer's one (Conv/MatMul/Gemm, plus the Reshape and
-#: Transpose of activations that the tensor-network lowerings need)
-EXTRA_OPS = {"svd": 1, "svd-spatial": 1, "tucker2": 2, "cp": 3, "tt": 3, "tr": 4, "fctn": 4}
+from stn_edge import families
+from stn_edge.families import LayerDims
 
 _MAC_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -96,46 +97,24 @@ def dense_layer_macs(kind: str, layout: str, shape: Sequence[int]) -> int:
 
 def family_macs(family: str, kind: str, layout: str, shape: Sequence[int], structure: Mapping[str, Any],
                 bonds: Sequence[int], strides: Sequence[int] | None = None) -> float:
-    """Multiply-adds per output position of a factorized layer at one level (see the module table).
+    """Multiply-adds per output position of a factorized layer at one level (see the module table;
+    each family counts its own, :attr:`stn_edge.families.Family.macs`).
 
     ``strides``: the conv's strides (default 1); ignored for linear and embedding layers.
+    Raises :class:`~stn_edge.errors.ArtifactError` for a family this version does not know.
     """
     o, i = layer_io(kind, layout, shape)
-    kernel = [int(k) for k in shape[2:]] if kind == "conv" else []
-    st = [int(s) for s in (strides or [])] + [1] * (len(kernel) - len(strides or []))
-    s = math.prod(st)
-    K = math.prod(kernel)
-    b = [int(x) for x in bonds]
-    if family == "svd":
-        (r,) = b
-        if kind == "embedding":
-            return float(r * o)  # table (vocab, dim): Gather a^T (vocab, r), then MatMul by b (r, dim)
-        return float(r * i * K + r * o)
-    if family == "svd-spatial":
-        (r,) = b
-        first = 0 if structure.get("first", "h") == "h" else 1
-        k1, k2 = kernel[first], kernel[1 - first]
-        return float(st[1 - first] * r * i * k1 + r * o * k2)
-    if family == "tucker2":
-        r_out, r_in = b
-        return float(s * r_in * i + r_out * r_in * K + o * r_out)
-    if family == "cp":
-        (r,) = b
-        return float(s * r * i + st[1] * r * kernel[0] + r * kernel[1] + r * o)
-    if family == "tt":
-        ins = [int(x) for x in structure["in_modes"]]
-        outs = [int(x) for x in structure["out_modes"]]
-        if kind == "conv":
-            (i1, i2), (o1, o2) = ins, outs
-            r1, r2 = b
-            return float(s * i2 * i1 * o1 * r1 + i2 * o1 * r1 * r2 * K + o1 * r2 * i2 * o2)
-        ranks = [1] + b + [1]
-        return float(sum(_prod(outs[:k]) * _prod(ins[k + 1:]) * ranks[k] * ins[k] * outs[k] * ranks[k + 1]
-                         for k in range(len(ins))))
-    if family in ("tr", "fctn"):
-        r0, r1, r2 = b
-        return float(s * r0 * r1 * i + r0 * r1 * r2 * K + o * r0 * r2)
-    raise ValueError(f"no multiply-add count for family {family!r} ({kind})")
+    kernel = tuple(int(k) for k in shape[2:]) if kind == "conv" else ()
+    given = [int(s) for s in (strides or [])] if kind == "conv" else []
+    st = tuple(given) + (1,) * (len(kernel) - len(given))
+    dims = LayerDims(kind, o, i, kernel, st, structure)
+    return families.get(family).macs(dims, [int(x) for x in bonds])
+
+
+def extra_ops(family: str) -> int:
+    """Ops a factorized layer of ``family`` runs beyond the dense layer's one (1 for a family this
+    version does not know)."""
+    return families.get(family).extra_ops if family in families.names() else 1
 
 
 @dataclass(frozen=True)
@@ -195,7 +174,7 @@ def layer_cost(layer: Mapping[str, Any], attrs: Mapping[str, Any], output_shape:
     kind, layout, shape = layer["kind"], layer["layout"], layer["dense"]["shape"]
     n = positions(kind, output_shape)
     strides = attrs.get("strides") if kind == "conv" else None
-    extra = EXTRA_OPS.get(layer["family"], 1)
+    extra = extra_ops(layer["family"])
     bonds = layer["ladder"].get("bonds") or [[r] for r in layer["ladder"]["ranks"]]
     dense = engine.us(dense_layer_macs(kind, layout, shape) * n)
     levels = tuple(engine.us(family_macs(layer["family"], kind, layout, shape, layer["structure"], b, strides) * n,

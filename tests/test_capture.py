@@ -209,7 +209,7 @@ class TiedLM(nn.Module):
 
 def test_tied_weight_is_one_layer_stored_once_and_lowered_for_both_uses(tmp_path):
     from stn_edge.format import ArtifactReader
-    from stn_edge.host.decompositions.common import decompose_svd
+    from stn_edge.host.decompositions.svd import decompose_svd
 
     torch.manual_seed(0)
     model = TiedLM().eval()

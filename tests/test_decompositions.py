@@ -18,14 +18,15 @@ from stn_edge.device import Runtime
 from stn_edge.device.backends import get_backend
 from stn_edge.format import ArtifactBuilder
 from stn_edge.graph import Graph, Node, ValueInfo, graph_to_dict
-from stn_edge.host.decompositions.common import Decomposition, balanced_factors, decompose_svd
+from stn_edge.host.decompositions.common import Decomposition, balanced_factors
+from stn_edge.host.decompositions.svd import decompose_svd
 from stn_edge.host.decompositions.cp import decompose_cp, fit_cp, prefix_errors
 from stn_edge.host.decompositions.fctn import decompose_fctn
 from stn_edge.host.decompositions.spatial import decompose_spatial, spatial_matrix
 from stn_edge.host.decompositions.tr import decompose_tr, ring_als, ring_contract, ring_tensor, tr_svd
 from stn_edge.host.decompositions.tt import decompose_tt, train_tensor
 from stn_edge.host.decompositions.tucker import decompose_tucker2
-from stn_edge.lowering import _shell_order
+from stn_edge.lowering import shell_order
 
 RNG = np.random.default_rng(1234)
 
@@ -144,9 +145,9 @@ def test_reported_errors_are_true_errors(decomposed, name):
         assert abs(_rel(d.truncated(j), w) - d.errors[j]) < 1e-4, (name, j)
 
 
-def test_shell_order_is_nested_and_row_major():
+def testshell_order_is_nested_and_row_major():
     pairs = [(1, 2), (3, 2), (3, 5)]
-    p, q = _shell_order(pairs)
+    p, q = shell_order(pairs)
     cells = list(zip(p.tolist(), q.tolist()))
     assert cells[:2] == [(0, 0), (0, 1)]
     assert cells[2:6] == [(1, 0), (1, 1), (2, 0), (2, 1)]
@@ -413,7 +414,7 @@ def test_level_macs_count_the_lowered_graph(decomposed, name):
 
 
 def test_embedding_macs():
-    from stn_edge.host.decompositions.common import decompose_svd
+    from stn_edge.host.decompositions.svd import decompose_svd
     from stn_edge.host.decompositions.macs import dense_macs, level_macs
 
     d = decompose_svd(RNG.standard_normal((50, 12)).astype(np.float32), "embedding", "in_out")

@@ -4,7 +4,7 @@ A :class:`Decomposition` is one weight factorized at its largest useful ranks, s
 can truncate it without knowing the math: every factor is a rank-major array whose row prefix
 ``row_ends[name][j]`` is what ladder level ``j`` keeps. Single-bond factors store one rank component per
 row; two-bond cores (Tucker core, TT/TR cores) store one *cell* ``core[p, q]`` per row in nested-shell
-order (see :func:`stn_edge.lowering._shell_order`), so that the prefix for bonds ``(a_j, b_j)`` is
+order (see :func:`stn_edge.lowering.shell_order`), so that the prefix for bonds ``(a_j, b_j)`` is
 exactly ``core[:a_j, :b_j]``.
 
 Multi-bond families build their ladders the same way (:func:`bond_ladder`): the best bond tuple
@@ -16,12 +16,34 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from stn_edge.host.decompositions.svd import break_even_rank, ladder_ranks
-from stn_edge.lowering import _shell_order, assemble, reconstruct
+from stn_edge.lowering import shell_order, assemble, reconstruct
+
+class Trial(NamedTuple):
+    """One way the structure search tries a family on a layer: ``name`` in the search report
+    (``"tt/d2"``), the ``decompose`` function of the weight, or None with why it was ``skipped``."""
+
+    name: str
+    decompose: Callable[[np.ndarray], "Decomposition"] | None
+    skipped: str = ""
+
+
+@dataclass(frozen=True)
+class SearchFamily:
+    """What the structure search needs from a family (each host family module defines ``SEARCH``).
+
+    ``order`` sorts the report and breaks exact ties (lower first); ``trials(kind, shape, layout,
+    levels, limits)`` gives the :class:`Trial` s that apply to a layer (none when the family cannot
+    factorize it), ``limits`` being a :class:`stn_edge.host.structure.SearchLimits`.
+    """
+
+    name: str
+    order: int
+    trials: Callable[[str, tuple[int, ...], str, int, Any], list[Trial]]
+
 
 #: relative energy below which a tail counts as exactly zero (the weight is exactly low-rank there)
 EXACT_TAIL = 1e-13
@@ -263,7 +285,7 @@ def bond_ladder(
 
 def shell_rows(core: np.ndarray, pairs: Sequence[tuple[int, int]]) -> np.ndarray:
     """Storage form of a two-bond core ``(A, B, *rest)``: its cells in nested-shell order for ``pairs``."""
-    p, q = _shell_order([tuple(x) for x in pairs])
+    p, q = shell_order([tuple(x) for x in pairs])
     a, b = pairs[-1]
     return np.ascontiguousarray(core[:a, :b][p, q])
 
@@ -327,33 +349,14 @@ def as_matrix(w: np.ndarray, kind: str, layout: str) -> np.ndarray:
     return w.reshape(w.shape[0], -1)
 
 
-def decompose_svd(w: np.ndarray, kind: str, layout: str = "conv", levels: int = 32) -> Decomposition:
-    """SVD of the ``(out, in * kernel)`` matricization, as ``bake._decompose`` does, in the shared shape.
+def break_even_rank(m: int, n: int) -> int:
+    """Largest rank whose two factors ``r*(m+n)`` hold fewer numbers than the dense ``m*n``."""
+    return max((m * n - 1) // (m + n), 0)
 
-    Factors ``a (r, in, *kernel)`` / ``a (r, in)`` and ``b (r, out)`` as ``svd.svd_factors`` gives them;
-    ladder ranks evenly spaced up to the break-even rank (or the numerical rank, if smaller). Computed
-    with :func:`left_svd` (Gram route, several times faster on the wide unfoldings of conv kernels).
-    Prefix truncation is the best rank-k approximation (Eckart-Young).
-    """
-    t0 = time.perf_counter()
-    mat = as_matrix(w, kind, layout)
-    m, n = mat.shape
-    u, s, rt = left_svd(mat)
-    top = min(break_even_rank(m, n), len(s))
-    if top < 1:
-        raise ValueError(f"svd: a {m}x{n} matrix saves no bytes at any rank")
-    root = np.sqrt(s[:top])
-    a = (rt[:top] / root[:, None]).astype(w.dtype)    # sqrt(s) V^T   (r, in * kernel)
-    b = (u[:, :top] * root).T.astype(w.dtype)         # (U sqrt(s))^T (r, out)
-    if kind == "conv":
-        a = a.reshape(top, *w.shape[1:])
-    ranks = ladder_ranks(top, levels)
-    e2 = s ** 2
-    total = float(np.sum(mat.astype(np.float64) ** 2)) or 1.0
-    errors = [math.sqrt(max(total - float(e2[:k].sum()), 0.0) / total) for k in ranks]
-    structure = {"matricization": "out | in*kernel"}
-    d = Decomposition("svd", kind, layout, tuple(w.shape), structure, {"a": a, "b": b},
-                      {"a": list(ranks), "b": list(ranks)}, list(ranks), [[r] for r in ranks], int(min(m, n)),
-                      errors, time.perf_counter() - t0)
-    d.check()
-    return d
+
+def ladder_ranks(max_rank: int, levels: int) -> list[int]:
+    """At most ``levels`` strictly increasing ranks ending at ``max_rank``, evenly spaced in bytes."""
+    if max_rank <= levels:
+        return list(range(1, max_rank + 1))
+    ranks = np.unique(np.round(np.linspace(max_rank / levels, max_rank, levels)).astype(int))
+    return [int(r) for r in ranks if r >= 1]

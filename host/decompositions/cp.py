@@ -25,8 +25,7 @@ import time
 
 import numpy as np
 
-from stn_edge.host.decompositions.common import Decomposition, build, left_svd
-from stn_edge.host.decompositions.svd import ladder_ranks
+from stn_edge.host.decompositions.common import Decomposition, SearchFamily, Trial, build, ladder_ranks, left_svd
 
 #: default cap on |W| * R: the rank a search gives CP on a big kernel (~20 ms per ALS sweep)
 MAX_WORK = 4e7
@@ -229,3 +228,16 @@ def decompose_cp(w: np.ndarray, levels: int = 32, max_rank: int | None = None, m
     return build("cp", "conv", "conv", w.shape, {"order": order, "balanced": True},
                  {"a": (0, a.T), "h": (0, h.T), "w": (0, v.T), "b": (0, b.T)}, {}, [(r,) for r in ranks], [0],
                  errors, top, w.dtype, time.perf_counter() - t0, notes)
+
+
+def _trials(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits) -> list[Trial]:
+    spatial = shape[2:] if kind == "conv" else ()
+    if len(spatial) != 2 or math.prod(spatial) == 1:
+        return []
+    size = math.prod(shape)
+    skip = f"kernel of {size} weights is above cp_max_size={limits.cp_max_size}" if size > limits.cp_max_size else ""
+    return [Trial("cp", lambda w: decompose_cp(w, levels, max_work=limits.cp_max_work, seconds=limits.cp_seconds), skip)]
+
+
+#: 2-D conv kernels up to ``SearchLimits.cp_max_size`` weights
+SEARCH = SearchFamily("cp", 30, _trials)

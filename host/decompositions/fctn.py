@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 
-from stn_edge.host.decompositions.common import Decomposition
-from stn_edge.host.decompositions.tr import ring_decomposition, ring_tensor
+from stn_edge.host.decompositions.common import Decomposition, SearchFamily
+from stn_edge.host.decompositions.tr import ring_decomposition, ring_tensor, ring_trials
 
 EDGES = ("in-out", "in-kernel", "kernel-out")  # bonds r_0, r_1, r_2 of the ring
 
@@ -70,3 +70,7 @@ def decompose_fctn(w: np.ndarray, levels: int = 32, target: float = 0.5, sweeps:
                  "edges": {name: r for name, r in zip(EDGES, ranks)},
                  "pruned": [name for name, r in zip(EDGES, ranks) if r == 1]}
     return ring_decomposition("fctn", w, ranks, levels, sweeps, seconds, structure, t0)
+
+
+#: conv kernels larger than 1x1, up to ``SearchLimits.ring_max_size`` weights
+SEARCH = SearchFamily("fctn", 60, ring_trials("fctn", decompose_fctn))

@@ -13,8 +13,9 @@ import time
 
 import numpy as np
 
-from stn_edge.host.decompositions.common import Decomposition, build, exact_rank, left_svd
-from stn_edge.host.decompositions.svd import break_even_rank, ladder_ranks
+from stn_edge.host.decompositions.common import (
+    Decomposition, SearchFamily, Trial, break_even_rank, build, exact_rank, ladder_ranks, left_svd,
+)
 
 
 def spatial_matrix(w: np.ndarray, first: str = "h") -> np.ndarray:
@@ -51,3 +52,17 @@ def decompose_spatial(w: np.ndarray, levels: int = 32, first: str = "h") -> Deco
     return build("svd-spatial", "conv", "conv", w.shape, {"first": first, "matricization": f"in*k{first} | out*k"},
                  {"a": (0, a), "b": (0, b)}, {}, [(r,) for r in ranks], [0], errors, min(mat.shape), w.dtype,
                  time.perf_counter() - t0)
+
+
+def _trials(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits) -> list[Trial]:
+    spatial = shape[2:] if kind == "conv" else ()
+    if len(spatial) != 2 or math.prod(spatial) == 1:
+        return []
+    out = [Trial("svd-spatial/h", lambda w: decompose_spatial(w, levels, "h"))]
+    if limits.spatial_both or spatial[0] != spatial[1]:
+        out.append(Trial("svd-spatial/w", lambda w: decompose_spatial(w, levels, "w")))
+    return out
+
+
+#: 2-D conv kernels larger than 1x1; the width-first split too when the kernel is not square
+SEARCH = SearchFamily("svd-spatial", 10, _trials)

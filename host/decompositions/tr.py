@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from stn_edge.host.decompositions.common import Decomposition, bond_ladder, build, left_svd
+from stn_edge.host.decompositions.common import Decomposition, SearchFamily, Trial, bond_ladder, build, left_svd
 
 #: ALS updates whose least-squares system is larger than this are skipped (the TR-SVD start is kept)
 MAX_SYSTEM = 768
@@ -160,3 +160,19 @@ def decompose_tr(w: np.ndarray, levels: int = 32, r0: int = 2, target: float = 0
         lo, hi = (mid, hi) if params(mid) <= target * w.size else (lo, mid)
     ranks = (r0, max(1, round(lo * r1_full)), max(1, round(lo * r2_full)))
     return ring_decomposition("tr", w, ranks, levels, sweeps, seconds, {"target": target}, t0)
+
+
+def ring_trials(name: str, decompose) -> Callable[..., list[Trial]]:
+    """The search's trials of a ring family (``tr``, ``fctn``): conv kernels larger than 1x1, up to
+    ``SearchLimits.ring_max_size`` weights; ``decompose(w, levels, seconds=...)``."""
+    def trials(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits) -> list[Trial]:
+        if kind != "conv" or math.prod(shape[2:]) == 1:
+            return []
+        size = math.prod(shape)
+        skip = f"kernel of {size} weights is above ring_max_size={limits.ring_max_size}" if size > limits.ring_max_size else ""
+        return [Trial(name, lambda w: decompose(w, levels, seconds=limits.ring_seconds), skip)]
+    return trials
+
+
+#: conv kernels larger than 1x1, up to ``SearchLimits.ring_max_size`` weights
+SEARCH = SearchFamily("tr", 50, ring_trials("tr", decompose_tr))

@@ -24,9 +24,9 @@ from typing import Sequence
 import numpy as np
 
 from stn_edge.host.decompositions.common import (
-    Decomposition, as_matrix, balanced_factors, bond_ladder, build, energy_table, exact_rank, left_svd,
+    Decomposition, SearchFamily, Trial, as_matrix, balanced_factors, bond_ladder, break_even_rank, build, energy_table,
+    exact_rank, ladder_ranks, left_svd,
 )
-from stn_edge.host.decompositions.svd import break_even_rank, ladder_ranks
 
 
 def conv_modes(c_in: int, c_out: int) -> tuple[list[int], list[int]]:
@@ -127,3 +127,16 @@ def _tt3(w, kind, layout, t, in_modes, out_modes, structure, levels, t0) -> Deco
     return build("tt", kind, layout, w.shape, structure,
                  {"a": (0, g1.T.reshape(r1, in_modes[0], out_modes[0])), "b": (1, g3.reshape(r2, *last))},
                  {"core": ((0, 1), core)}, bonds, (0, 1), errors, max(r1, r2), w.dtype, time.perf_counter() - t0)
+
+
+def _trials(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits) -> list[Trial]:
+    if kind == "linear":
+        return [Trial("tt/d2", lambda w: decompose_tt(w, kind, layout, levels, d=2)),
+                Trial("tt/d3", lambda w: decompose_tt(w, kind, layout, levels, d=3))]
+    if kind == "conv" and len(shape) == 4:
+        return [Trial("tt", lambda w: decompose_tt(w, kind, layout, levels))]
+    return []
+
+
+#: linear layers (two and three cores) and 2-D convs (including 1x1)
+SEARCH = SearchFamily("tt", 40, _trials)

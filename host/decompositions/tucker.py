@@ -17,7 +17,9 @@ import time
 
 import numpy as np
 
-from stn_edge.host.decompositions.common import Decomposition, bond_ladder, build, energy_table, left_svd
+from stn_edge.host.decompositions.common import (
+    Decomposition, SearchFamily, Trial, bond_ladder, build, energy_table, left_svd,
+)
 
 
 def decompose_tucker2(w: np.ndarray, levels: int = 32) -> Decomposition:
@@ -46,3 +48,13 @@ def decompose_tucker2(w: np.ndarray, levels: int = 32) -> Decomposition:
     return build("tucker2", "conv", "conv", w.shape, {"modes": "out, in; kernel kept"},
                  {"a": (1, u_in.T), "b": (0, u_out.T)}, {"core": ((0, 1), core)}, bonds, (0, 1), errors,
                  max(ro, ri), w.dtype, time.perf_counter() - t0)
+
+
+def _trials(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits) -> list[Trial]:
+    if kind != "conv" or math.prod(shape[2:]) == 1:
+        return []
+    return [Trial("tucker2", lambda w: decompose_tucker2(w, levels))]
+
+
+#: conv kernels larger than 1x1
+SEARCH = SearchFamily("tucker2", 20, _trials)
