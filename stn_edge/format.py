@@ -601,6 +601,7 @@ def _validate_layer(v: "_Validator", layer: Any, where: str) -> None:
         for j, block in enumerate(ref["blocks"]):
             total += block["size"]
             held[j] += total
+    _validate_family_fields(v, layer, ladder, factors, len(ranks), where)
     corr = layer.get("corrections")
     if corr is not None:  # one (2, out) row per level: per-channel output scale and shift at that level
         v.array(corr, f"{where}.corrections", rows=True)
@@ -611,6 +612,83 @@ def _validate_layer(v: "_Validator", layer: Any, where: str) -> None:
     for j, (cost, have) in enumerate(zip(costs, held)):
         if have != cost:
             v.fail(f"{where}.ladder.bytes[{j}] = {cost} but its factor blocks hold {have} bytes")
+
+
+#: the factors each family stores, required and optional (their storage forms: docs/FORMAT.md and the end
+#: of stn_edge/lowering.py; ``tt`` stores a middle ``core`` for three cores). A family not listed here is
+#: refused by the lowering, which names the families it knows.
+FAMILY_FACTORS: dict[str, tuple[frozenset, frozenset]] = {
+    "svd": (frozenset("ab"), frozenset()),
+    "svd-spatial": (frozenset("ab"), frozenset()),
+    "tucker2": (frozenset(("a", "core", "b")), frozenset()),
+    "cp": (frozenset("ahwb"), frozenset()),
+    "tt": (frozenset("ab"), frozenset(("core",))),
+    "tr": (frozenset(("a", "core", "b")), frozenset()),
+    "fctn": (frozenset(("a", "core", "b")), frozenset()),
+}
+_MAX_MODES = 8
+#: how another node may read a tied (SVD) weight
+_TIED_KINDS = ("linear", "conv", "embedding")
+
+
+def _validate_family_fields(v: "_Validator", layer: dict, ladder: dict, factors: dict, levels: int, where: str) -> None:
+    """The family-specific fields the runtime reads: factor names, ``structure``, ``ladder.bonds``, ``tied``."""
+    family = layer["family"]
+    if family in FAMILY_FACTORS:
+        required, optional = FAMILY_FACTORS[family]
+        if not required <= set(factors) <= required | optional:
+            v.fail(f"{where}.factors are {_short(sorted(factors))}; family {family} stores {sorted(required)}"
+                   + (f" and optionally {sorted(optional)}" if optional else ""))
+    if family in FAMILY_FACTORS and family != "svd" and "structure" not in layer:
+        v.fail(f"{where}.structure is missing; a {family} layer's lowering reads it")
+    structure = v.names(layer.get("structure", {}), f"{where}.structure")
+    bonds = ladder.get("bonds")
+    n_bonds = 0
+    if bonds is not None:  # per level, the rank of each bond; nested levels never shrink a bond
+        rows = [[v.int(b, f"{where}.ladder.bonds") for b in v.list(level, f"{where}.ladder.bonds")]
+                for level in v.list(bonds, f"{where}.ladder.bonds")]
+        n_bonds = len(rows[0]) if rows else 0
+        if len(rows) != levels or not 1 <= n_bonds <= _MAX_MODES or any(len(r) != n_bonds for r in rows):
+            v.fail(f"{where}.ladder.bonds must hold one list of 1-{_MAX_MODES} bond ranks per level, all of one length")
+        if any(b < 1 for b in rows[0]) or any(y < x for r0, r1 in zip(rows, rows[1:]) for x, y in zip(r0, r1)):
+            v.fail(f"{where}.ladder.bonds must be positive and never decrease from one level to the next")
+    for name, pair in v.names(structure.get("shells", {}), f"{where}.structure.shells").items():
+        ij = [v.int(i, f"{where}.structure.shells") for i in v.list(pair, f"{where}.structure.shells")]
+        if name not in factors or len(ij) != 2 or max(ij) >= n_bonds:
+            v.fail(f"{where}.structure.shells[{_short(name)}] must name a factor and two of its "
+                   f"{n_bonds} ladder bonds, found {_short(pair)}")
+    if structure.get("first", "h") not in ("h", "w"):
+        v.fail(f"{where}.structure.first must be 'h' or 'w', found {_short(structure['first'])}")
+    for key in ("in_modes", "out_modes"):
+        if key in structure:
+            modes = [v.int(m, f"{where}.structure.{key}") for m in v.list(structure[key], f"{where}.structure.{key}")]
+            if not 1 <= len(modes) <= _MAX_MODES or min(modes) < 1:
+                v.fail(f"{where}.structure.{key} must be 1-{_MAX_MODES} positive sizes, found {_short(modes)}")
+    if not 1 <= v.int(structure.get("input_rank", 2), f"{where}.structure.input_rank") <= _MAX_MODES:
+        v.fail(f"{where}.structure.input_rank must be 1-{_MAX_MODES}, found {structure['input_rank']}")
+    if family == "tt":
+        _validate_tt(v, layer, structure, factors, where)
+    for i, use in enumerate(v.list(layer.get("tied", []), f"{where}.tied")):
+        v.map(use, f"{where}.tied[{i}]")
+        v.str(use.get("node"), f"{where}.tied[{i}].node")
+        if use.get("kind") not in _TIED_KINDS:
+            v.fail(f"{where}.tied[{i}].kind must be one of {', '.join(_TIED_KINDS)}, found {_short(use.get('kind'))}")
+        v.str(use.get("via", ""), f"{where}.tied[{i}].via")
+        if not isinstance(use.get("swap"), bool):
+            v.fail(f"{where}.tied[{i}].swap must be true or false")
+
+
+def _validate_tt(v: "_Validator", layer: dict, structure: dict, factors: dict, where: str) -> None:
+    """``tt``: d = 2 or 3 cores (a ``core`` exactly when d = 3, or for a conv), ``a (r, i_1, o_1)``, ``b (r, i_d, o_d)``."""
+    ins, outs = structure.get("in_modes"), structure.get("out_modes")
+    if ins is None or outs is None or len(ins) != len(outs) or len(ins) not in (2, 3):
+        v.fail(f"{where}.structure: a tt layer needs in_modes and out_modes of 2 or 3 sizes each")
+    d = len(ins)
+    if ("core" in factors) != (d == 3 or layer["kind"] == "conv") or (layer["kind"] == "conv" and d != 2):
+        v.fail(f"{where}: a tt {layer['kind']} layer of {d} cores stores {_short(sorted(factors))}")
+    for name, i, o in (("a", ins[0], outs[0]), ("b", ins[-1], outs[-1])):
+        if factors[name]["shape"][1:] != [i, o]:
+            v.fail(f"{where}.factors[{name}] has shape {_short(factors[name]['shape'])}; its modes say (r, {i}, {o})")
 
 
 class _Validator:

@@ -2,6 +2,7 @@
 
     python tools/fuzz.py --seconds 60                      # atheris (libFuzzer) when installed
     python tools/fuzz.py --runs 1000000 --work out/fuzz    # a long campaign, resumable from out/fuzz/corpus
+    python tools/fuzz.py --seconds 36000 --keep-going      # ... that saves findings and goes on
     python tools/fuzz.py --driver random --seconds 60      # random mutations, no coverage feedback
     python tools/fuzz.py --replay crash-1234               # run one input and print what it raised
     python tools/fuzz.py --replay out/fuzz/corpus          # every input of a folder (e.g. under coverage.py)
@@ -480,7 +481,28 @@ def limit_memory(extra_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
-def run_atheris(harness: Harness, inputs: dict[str, bytes], args: argparse.Namespace) -> int:
+class KeepGoing:
+    """Wraps the harness for ``--keep-going``: a finding is saved as ``finding-<sha1>`` under ``work`` and
+    printed once per kind (exception type and the line that raised it), and the run goes on."""
+
+    def __init__(self, harness: Harness, work: Path):
+        self.harness, self.work, self.kinds = harness, work, set()
+
+    def __call__(self, data: bytes) -> None:
+        try:
+            self.harness(data)
+        except Exception as exc:
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            kind = (type(exc).__name__, frame.filename, frame.lineno)
+            (self.work / f"finding-{hashlib.sha1(data).hexdigest()}").write_bytes(data)
+            if kind not in self.kinds:
+                self.kinds.add(kind)
+                print(f"fuzz: finding {len(self.kinds)}: {type(exc).__name__} at {frame.filename}:{frame.lineno}",
+                      file=sys.stderr)
+                traceback.print_exc()
+
+
+def run_atheris(harness: Callable[[bytes], None], inputs: dict[str, bytes], args: argparse.Namespace) -> int:
     import atheris
 
     seed_dir = args.work / "seeds"
@@ -531,7 +553,7 @@ def mutate(data: bytearray, rng: random.Random, seeds: list[bytes]) -> bytearray
     return data
 
 
-def run_random(harness: Harness, inputs: dict[str, bytes], args: argparse.Namespace) -> int:
+def run_random(harness: Callable[[bytes], None], inputs: dict[str, bytes], args: argparse.Namespace) -> int:
     """Mutation fuzzing without coverage feedback (when atheris is not installed)."""
     rng = random.Random(args.seed)
     pool = list(inputs.values())
@@ -584,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-mb", type=int, default=2048, help="address space allowed over the start (default 2048)")
     ap.add_argument("--rss-limit-mb", type=int, default=2048, help="libFuzzer's RSS limit (default 2048)")
     ap.add_argument("--timeout", type=int, default=20, help="seconds one input may take (default 20)")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="save each finding (finding-*) and go on instead of stopping at the first")
     ap.add_argument("--seed", type=int, default=1, help="random seed")
     ap.add_argument("--replay", type=Path, action="append",
                     help="run this saved input (or every file in this folder) and print what it raises; repeatable")
@@ -621,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs = seed_inputs(seeds)
         print(f"fuzz: {driver}, {len(seeds)} seed artifacts, {len(inputs)} seed inputs, work folder {args.work}",
               file=sys.stderr)
-        return run_atheris(harness, inputs, args) if driver == "atheris" else run_random(harness, inputs, args)
+        target = KeepGoing(harness, args.work) if args.keep_going else harness
+        return run_atheris(target, inputs, args) if driver == "atheris" else run_random(target, inputs, args)
     finally:
         harness.close()
 
