@@ -66,3 +66,16 @@ def test_moments_equal_running_the_layer_per_level(conv_case, kind):
     fast = level_corrections_dense(cand, w, bias, lambda j: levels[j], len(levels), x, chunk=1000)
     slow = _level_corrections_direct(cand, w, bias, lambda j: levels[j], len(levels), x)
     np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_moments_hold_for_inputs_with_a_large_mean():
+    """float32 products of data far from zero would cancel in E[pp^T] - mm^T; shifted, they do not."""
+    from stn_edge.host.correction import input_moments
+
+    rng = np.random.default_rng(2)
+    x = (50.0 + 0.1 * rng.standard_normal((4000, 6))).astype(np.float32)
+    cand = Candidate(Node("MatMul", "m", ["x", "w"], ["y"], {}), "w", "linear", "in_out")
+    mean, cov = input_moments(cand, x, chunk=6 * 1000)  # four chunks
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(cov, np.cov(x64.T, bias=True), rtol=1e-3, atol=1e-6)
