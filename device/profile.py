@@ -90,22 +90,9 @@ def cuda_event_timer(backend: str, device: str) -> Callable[[Callable[[], Any]],
     """
     if backend != "torch" or not device.startswith("cuda"):
         return None
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
+    from stn_edge.device.backends.torch import cuda_event_timer as torch_timer  # torch only in its backend
 
-    def timed(fn: Callable[[], Any]) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return float(start.elapsed_time(end))
-
-    return timed
+    return torch_timer()
 
 
 def time_runs(

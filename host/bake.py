@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from stn_edge import __version__
-from stn_edge.activations import record_value_shapes
 from stn_edge.errors import STNError
 from stn_edge.format import ArtifactBuilder
 from stn_edge.graph import Graph, graph_to_dict
@@ -19,6 +18,7 @@ from stn_edge.host.correction import corrected_weight, layer_inputs, level_corre
 from stn_edge.host.export import TorchInputs, calibration_feeds, capture, reference_outputs
 from stn_edge.host.importance import score_truncations
 from stn_edge.host.layers import Candidate, Skipped, find_layers
+from stn_edge.host.value_shapes import record_value_shapes
 from stn_edge.plan import format_bytes, format_table
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ ResNet-18 at batch 32 holds more in activations than in weights at 25%. So ``mem
 
 How it is known without running the model on the device:
 
-- **At bake** (:func:`record_value_shapes`), the captured graph runs once on the numpy reference
+- **At bake** (:func:`stn_edge.host.value_shapes.record_value_shapes`), the captured graph runs once on the numpy reference
   backend at batch 1 and at batch 2 and the shape of every value is stored in the artifact header
   (``value_shapes``: ``{name: [shape at 1, shape at 2, dtype]}``). Two batch sizes tell which
   dimensions grow with the batch, whatever reshapes the model does (``(N * heads, L, d)`` included).
@@ -28,52 +28,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from stn_edge.graph import DTYPES, Graph, Node, dtype_name
+from stn_edge import geometry
+from stn_edge.graph import DTYPES, Graph, Node
 
 #: ops whose output is a view of their first input in the engines we run on (no new buffer)
 VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 
 Shape = tuple[int, ...]
-
-
-# --------------------------------------------------------------------------- bake: record
-
-
-def record_value_shapes(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
-    """Shapes of every non-constant value of ``graph`` at batch 1 and batch 2 (axis 0 of ``feeds``).
-
-    Runs the numpy reference backend twice on the first one and two samples (one sample is
-    repeated when ``feeds`` holds only one). Inputs whose batch axis is fixed in the graph are run
-    at that size both times: nothing grows with the batch then. Returns the header's
-    ``value_shapes`` dict.
-    """
-    from stn_edge.device.backends.numpy import NumpyExecutable
-
-    def batch(n: int) -> dict[str, np.ndarray]:
-        out = {}
-        for v in graph.inputs:
-            x = np.asarray(feeds[v.name])
-            if v.shape and isinstance(v.shape[0], int) or x.ndim == 0:
-                out[v.name] = x
-                continue
-            reps = -(-n // x.shape[0])
-            out[v.name] = np.concatenate([x] * reps)[:n] if reps > 1 else x[:n]
-        return out
-
-    exe = NumpyExecutable(graph)
-    seen: list[dict[str, tuple[Shape, str]]] = []
-    for n in (1, 2):
-        shapes: dict[str, tuple[Shape, str]] = {}
-
-        def observe(name: str, value: np.ndarray) -> None:
-            shapes[name] = (tuple(int(d) for d in value.shape), dtype_name(value.dtype))
-
-        feeds_n = batch(n)
-        for name, x in feeds_n.items():
-            observe(name, x)
-        exe.run(feeds_n, observe=observe)
-        seen.append(shapes)
-    return {name: [list(s1), list(seen[1].get(name, (s1, dt))[0]), dt] for name, (s1, dt) in seen[0].items()}
 
 
 # --------------------------------------------------------------------------- device: shapes of lowered values
@@ -90,9 +51,7 @@ def _auto_pad(attrs: dict[str, Any]) -> str:
 
 def _window(x: Shape, kernel: Sequence[int], attrs: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
     """``(strides, dilations, padded spatial sizes)`` of a Conv or pool over ``x``, the way the
-    backends pad (:mod:`stn_edge.device.backends.geometry`)."""
-    from stn_edge.device.backends import geometry  # here: stn_edge.device imports this module
-
+    backends pad (:mod:`stn_edge.geometry`)."""
     nd = len(x) - 2
     strides = list(attrs.get("strides") or [1] * nd)
     dil = list(attrs.get("dilations") or [1] * nd)
@@ -101,8 +60,6 @@ def _window(x: Shape, kernel: Sequence[int], attrs: dict[str, Any]) -> tuple[lis
 
 
 def _conv_shape(x: Shape, w: Shape, attrs: dict[str, Any]) -> Shape:
-    from stn_edge.device.backends import geometry
-
     kernel = [int(d) for d in w[2:]]
     strides, dil, padded = _window(x, kernel, attrs)
     return (x[0], w[0], *geometry.conv_out(padded, kernel, strides, dil))
@@ -180,8 +137,6 @@ TEMPORARIES: dict[str, float] = {
 def _padded_copy(node: Node, x: Shape, kernel: list[int], itemsize: int) -> int:
     """Bytes of the padded copy of input ``x`` a window op makes (0 when it pads nothing): the
     explicit or SAME pads, and for a pool with ``ceil_mode`` the overhang of its last window."""
-    from stn_edge.device.backends import geometry
-
     if node.op == "Conv":
         padded = _window(x, kernel, node.attrs)[2]
     else:

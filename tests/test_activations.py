@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stn_edge.activations import activation_bytes, record_value_shapes
+from stn_edge.activations import activation_bytes
+from stn_edge.host.value_shapes import record_value_shapes
 from stn_edge.device import Runtime
 from stn_edge.device.memory import ENGINE_MEMORY
 from stn_edge.errors import ArtifactError, BudgetError, InputError

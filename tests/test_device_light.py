@@ -1,12 +1,48 @@
-"""The device part installs and runs with numpy + msgpack alone."""
+"""The device part installs and runs with numpy + msgpack alone, and imports run one way
+(docs/ARCHITECTURE.md): the contract imports neither host nor device; the device never imports the
+host, nor torch outside its torch backend."""
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 HERE = Path(__file__).parent
+ROOT = HERE.parent
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at module level or inside a function (relative imports resolved
+    against the package its folder maps to)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def _violations(folder: str, banned: tuple[str, ...], allowed: tuple[str, ...] = ()) -> list[str]:
+    bad = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in allowed:
+            continue
+        for mod in sorted(_imports(path)):
+            if any(mod == b or mod.startswith(b + ".") for b in banned):
+                bad.append(f"{rel} imports {mod}")
+    return bad
+
+
+def test_imports_run_one_way():
+    # the contract: cli.py dispatches a subcommand to the part that does it, inside that subcommand
+    assert _violations("stn_edge", ("stn_edge.host", "stn_edge.device"), ("stn_edge/cli.py",)) == []
+    assert _violations("device", ("stn_edge.host",)) == []
+    assert _violations("device", ("torch", "tensorly"), ("device/backends/torch.py",)) == []
 
 SCRIPT = textwrap.dedent('''
     import sys, importlib.abc

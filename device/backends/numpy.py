@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from stn_edge.device.backends import Backend, Executable, register, unsupported
-from stn_edge.device.backends.geometry import (
+from stn_edge.geometry import (
     conv_out, kernel_offsets, nearest, pool_geometry, same_pads, slice_bounds, source_coords, window_pads,
 )
 from stn_edge.errors import BackendError, InputError, UnsupportedOp

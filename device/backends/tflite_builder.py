@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from stn_edge.device.backends import geometry as geo
+from stn_edge import geometry as geo
 from stn_edge.device.backends import unsupported
 from stn_edge.device.backends import numpy as reference
 from stn_edge.device.backends.tflite_flatbuffer import TENSOR_TYPES, ModelDraft, serialize

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from stn_edge.device.backends import Backend, Executable, register, unsupported
-from stn_edge.device.backends import geometry as geo
+from stn_edge import geometry as geo
 from stn_edge.device.backends import numpy as reference
 from stn_edge.device.memory import EngineMemory
 from stn_edge.errors import BackendError, BackendUnavailable, InputError, UnsupportedOp
@@ -1097,3 +1097,22 @@ class TorchBackend(Backend):
         """
         self.check_available(device)
         return TorchExecutable(graph, device)
+
+
+def cuda_event_timer() -> Callable[[Callable[[], Any]], float] | None:
+    """A function running ``fn`` between two CUDA events and returning the GPU milliseconds between
+    them (kernels run on torch's current stream); None when torch or CUDA is missing.
+    :func:`stn_edge.device.profile.cuda_event_timer` asks for it on a CUDA device."""
+    if torch is None or not torch.cuda.is_available():
+        return None
+
+
+    def timed(fn: Callable[[], Any]) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
+
+    return timed
