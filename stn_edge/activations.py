@@ -199,11 +199,7 @@ def activation_bytes(graph: Graph, value_shapes: Mapping[str, list[Any]] | None,
             return tuple(const[name].shape)
         return known[name][which] if name in known else ()
 
-    last_use: dict[str, int] = {}
-    for i, node in enumerate(graph.nodes):
-        for name in node.inputs:
-            if name and name not in const:
-                last_use[name] = i
+    last_use = graph.last_uses()
     keep = {v.name for v in graph.outputs}
     buffer_of: dict[str, str] = {}  # value -> the value that owns its buffer
     owners: dict[str, set[str]] = {}  # buffer -> values still alive that use it

@@ -86,6 +86,27 @@ class Graph:
         if unproduced:
             raise BackendError(f"graph outputs {unproduced} are produced by no node, input or initializer")
 
+    def last_uses(self) -> dict[str, int]:
+        """Value name -> index of the last node that reads it (or writes it, when no later node reads
+        it), for every value a node touches, initializers included."""
+        last: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            for name in node.inputs + node.outputs:
+                if name:
+                    last[name] = i
+        return last
+
+    def release_schedule(self) -> list[list[str]]:
+        """Per node, the values an engine may drop once that node has run: those it is the last to
+        touch (:meth:`last_uses`), graph outputs excepted. Peak memory is then about the live set,
+        not the whole graph; backends and the activation count (:mod:`stn_edge.activations`) share it."""
+        keep = {o.name for o in self.outputs}
+        release: list[list[str]] = [[] for _ in self.nodes]
+        for name, i in self.last_uses().items():
+            if name not in keep:
+                release[i].append(name)
+        return release
+
     def producer(self, value: str) -> Node | None:
         """The node that writes ``value``, or None for inputs and initializers."""
         for n in self.nodes:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from stn_edge.device.backends import Backend, Executable, register, unsupported
+from stn_edge.device.backends import Backend, Executable, machinery, register, unsupported
 from stn_edge.geometry import (
     conv_out, kernel_offsets, nearest, pool_geometry, same_pads, slice_bounds, source_coords, window_pads,
 )
@@ -1155,26 +1155,7 @@ def _unsupported(node: Node, reason: str) -> UnsupportedOp:
 
 def check_node(node: Node, opset: int) -> OpImpl:
     """The implementation that runs ``node``; UnsupportedOp saying why when there is none."""
-    if node.domain not in ("", "ai.onnx"):
-        raise _unsupported(node, f"domain {node.domain!r} is not implemented (default ONNX domain only)")
-    impl = OPS.get(node.op)
-    if impl is None:
-        raise _unsupported(node, f"no such op here; the numpy backend runs: {', '.join(supported_ops())}")
-    present = [i for i, name in enumerate(node.inputs) if name]
-    if any(i >= len(node.inputs) or not node.inputs[i] for i in range(impl.n_required)):
-        raise _unsupported(node, f"it needs {impl.n_required} inputs, got {node.inputs}")
-    if impl.n_positional is not None and present and present[-1] >= impl.n_positional:
-        raise _unsupported(node, f"input {present[-1]} is not implemented (at most {impl.n_positional})")
-    wanted = [i for i, name in enumerate(node.outputs) if name]
-    if impl.outputs is not None and wanted and wanted[-1] >= impl.outputs:
-        raise _unsupported(node, f"output {wanted[-1]} is not implemented (at most {impl.outputs})")
-    unknown = sorted(set(node.attrs) - impl.attr_names)
-    if unknown:
-        raise _unsupported(node, f"attribute(s) {', '.join(unknown)} not implemented")
-    reason = impl.check(node, opset) if impl.check else None
-    if reason:
-        raise _unsupported(node, reason)
-    return impl
+    return machinery.check_node(node, opset, OPS, lambda impl: impl, _unsupported, "numpy")
 
 
 class NumpyExecutable(Executable):
@@ -1182,16 +1163,7 @@ class NumpyExecutable(Executable):
 
     def __init__(self, graph: Graph):
         self.graph = graph
-        keep = {o.name for o in graph.outputs}
-        last_use: dict[str, int] = {}
-        for i, node in enumerate(graph.nodes):
-            for name in node.inputs + node.outputs:
-                if name:
-                    last_use[name] = i
-        release: list[list[str]] = [[] for _ in graph.nodes]
-        for name, i in last_use.items():
-            if name not in keep:
-                release[i].append(name)
+        release = graph.release_schedule()
         self._steps = []
         impls = [check_node(node, graph.opset) for node in graph.nodes]
         graph.check_wiring()

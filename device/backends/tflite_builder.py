@@ -30,15 +30,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from stn_edge import geometry as geo
-from stn_edge.device.backends import unsupported
+from stn_edge.device.backends import machinery, unsupported
 from stn_edge.device.backends import numpy as reference
 from stn_edge.device.backends.tflite_flatbuffer import TENSOR_TYPES, ModelDraft, serialize
 from stn_edge.errors import BackendError, UnsupportedOp
 from stn_edge.graph import DTYPES, Graph, Node
 
 NHWC = (0, 2, 3, 1)
-#: nodes never folded even when every input is constant: folding would undo a factorization
-_NEVER_FOLD = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum"})
 
 # TFLite enums, by their schema names
 _PAD_SAME, _PAD_VALID = 0, 1
@@ -201,7 +199,7 @@ class _Converter:
 
     def _foldable(self, node: Node) -> bool:
         present = [n for n in node.inputs if n]
-        if node.op in _NEVER_FOLD or node.op not in reference.OPS:
+        if node.op in machinery.NEVER_FOLD or node.op not in reference.OPS:
             return False
         return all(self.values[n].const is not None for n in present)
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from stn_edge.device.backends import Backend, Executable, register, unsupported
+from stn_edge.device.backends import Backend, Executable, machinery, register, unsupported
 from stn_edge import geometry as geo
 from stn_edge.device.backends import numpy as reference
 from stn_edge.device.memory import EngineMemory
@@ -50,8 +50,6 @@ else:
 INSTALL_HINT = "pip install 'stn-edge[torch]'"
 #: backends to suggest when this one lacks an op or an op variant
 FALLBACK_BACKENDS: tuple[str, ...] = ("onnxruntime", "numpy")
-#: ops never run on the host with numpy, even on host values: they are the model's arithmetic
-_DEVICE_ONLY = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum"})
 #: constants up to this many elements are also kept on the host, for parameter use and folding
 _SMALL_CONST = 64
 
@@ -867,27 +865,7 @@ def _unsupported(node: Node, reason: str) -> UnsupportedOp:
 
 def _check_node(node: Node, opset: int) -> TorchOp:
     """The implementation that runs ``node``; UnsupportedOp saying why when there is none."""
-    if node.domain not in ("", "ai.onnx"):
-        raise _unsupported(node, f"domain {node.domain!r} is not implemented (default ONNX domain only)")
-    entry = OPS.get(node.op)
-    if entry is None:
-        raise _unsupported(node, f"no such op here; the torch backend runs: {', '.join(supported_ops())}")
-    impl = entry.impl
-    present = [i for i, name in enumerate(node.inputs) if name]
-    if any(i >= len(node.inputs) or not node.inputs[i] for i in range(impl.n_required)):
-        raise _unsupported(node, f"it needs {impl.n_required} inputs, got {node.inputs}")
-    if impl.n_positional is not None and present and present[-1] >= impl.n_positional:
-        raise _unsupported(node, f"input {present[-1]} is not implemented (at most {impl.n_positional})")
-    wanted = [i for i, name in enumerate(node.outputs) if name]
-    if impl.outputs is not None and wanted and wanted[-1] >= impl.outputs:
-        raise _unsupported(node, f"output {wanted[-1]} is not implemented (at most {impl.outputs})")
-    unknown = sorted(set(node.attrs) - impl.attr_names)
-    if unknown:
-        raise _unsupported(node, f"attribute(s) {', '.join(unknown)} not implemented")
-    reason = impl.check(node, opset) if impl.check else None
-    if reason:
-        raise _unsupported(node, reason)
-    return entry
+    return machinery.check_node(node, opset, OPS, lambda entry: entry.impl, _unsupported, "torch")
 
 
 @dataclass
@@ -922,7 +900,7 @@ class TorchExecutable(Executable):
         graph.check_wiring()
         for node, entry in zip(graph.nodes, entries):
             present = [n for n in node.inputs if n]
-            hostable = node.op in reference.OPS and node.op not in _DEVICE_ONLY
+            hostable = node.op in reference.OPS and node.op not in machinery.NEVER_FOLD
             if hostable and all(n in host for n in present):
                 self._fold(node, host)  # depends on constants only: computed once, now
                 folded_from.update(n for n in present if n in graph.initializers)
@@ -956,16 +934,9 @@ class TorchExecutable(Executable):
                 host[name] = np.asarray(value)
 
     def _schedule(self, plan: list[tuple[Node, TorchOp, bool]], opset: int) -> list[_Step]:
-        keep = {o.name for o in self.graph.outputs}
-        last_use: dict[str, int] = {}
-        for i, (node, _, _) in enumerate(plan):
-            for name in node.inputs + node.outputs:
-                if name:
-                    last_use[name] = i
-        release: list[list[str]] = [[] for _ in plan]
-        for name, i in last_use.items():
-            if name not in keep:
-                release[i].append(name)
+        # folded nodes ran once at build time: the schedule is over the nodes that run
+        ran = Graph([node for node, _, _ in plan], self.graph.inputs, self.graph.outputs)
+        release = ran.release_schedule()
         steps = []
         for (node, entry, on_host), dead in zip(plan, release):
             impl = reference.check_node(node, opset) if on_host else entry.impl
