@@ -27,7 +27,7 @@ SHORT_RUN_SECONDS = 40
 
 @pytest.mark.slow
 def test_short_fuzz_run_finds_nothing(tmp_path):
-    """About 15-20k executions (atheris when installed, else random mutations) over the golden file
+    """8-20k executions, depending on the load (atheris when installed, else random mutations), over the golden file
     and the hostile corpus, every target; a finding exits non-zero and leaves a crash-* file."""
     cmd = [sys.executable, str(ROOT / "tools" / "fuzz.py"), "--seconds", str(SHORT_RUN_SECONDS), "--no-bake",
            "--work", str(tmp_path)]

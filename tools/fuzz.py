@@ -17,7 +17,7 @@ One fuzz input is ``CASE_BYTES`` bytes that pick what to run, then an artifact::
     bytes 1-4         remote: how the fake server misbehaves on its first four requests (FakeServer)
 
 Targets and what each must hold (anything else is a finding: the harness raises and the driver
-keeps the input as ``crash-*`` under ``--work``):
+keeps the input as ``crash-*`` under ``--work`` and stops; with ``--keep-going`` as ``finding-*``, and goes on):
 
 - ``reader``: ``ArtifactReader`` opens the bytes and reads every array; only ``ArtifactError``.
 - ``runtime``: ``Runtime.load`` at the budget on the numpy backend, ``verify``, ``rescale`` to the
@@ -37,8 +37,8 @@ Bounded memory: the address space is capped (``--memory-mb`` over what the proce
 and libFuzzer's RSS limit is set, so a header that makes the reader allocate what the file does not
 hold fails as ``MemoryError``, a finding. File descriptors must not leak across cases.
 
-Seeds: ``tests/golden/*.stn`` and ``tests/corpus/*.stn`` (up to 64 KiB), each under every target, plus four small
-baked models when torch is installed (``--no-bake`` skips them). Results are in docs/RELIABILITY.md.
+Seeds: ``tests/golden/*.stn`` and ``tests/corpus/*.stn`` (up to 64 KiB), each under every target,
+plus four small baked models when torch is installed (``--no-bake`` skips them). Results are in docs/RELIABILITY.md.
 """
 from __future__ import annotations
 
