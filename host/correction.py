@@ -82,7 +82,7 @@ def level_corrections(cand: Candidate, w: np.ndarray, bias: np.ndarray | None, a
     for j, k in enumerate(ranks):
         bk = b64[:k]  # (k, out)
         mu_k = bk.T @ mz[:k]
-        var_k = np.einsum("ko,kl,lo->o", bk, cov[:k, :k], bk)
+        var_k = np.sum((cov[:k, :k] @ bk) * bk, axis=0)
         sd_k = np.sqrt(np.maximum(var_k, 0.0))
         scale = np.where(sd_k > min_std, sd_full / np.maximum(sd_k, min_std), 1.0)
         # y = scale * (W_k x + bias) + shift must have the full output's mean (mu_full + bias)
@@ -165,7 +165,7 @@ def level_corrections_dense(cand: Candidate, w: np.ndarray, bias: np.ndarray | N
 
     def stats(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         m = (weight.T if cand.layout == "in_out" else weight.reshape(weight.shape[0], -1)).astype(np.float64)
-        return m @ mean, np.sqrt(np.maximum(np.einsum("od,de,oe->o", m, cov, m), 0.0))
+        return m @ mean, np.sqrt(np.maximum(np.sum((m @ cov) * m, axis=1), 0.0))
 
     mu_full, sd_full = stats(w)
     bias = np.zeros(len(mu_full)) if bias is None else bias.astype(np.float64)
