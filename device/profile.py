@@ -212,10 +212,9 @@ def model_macs(rt: Runtime, feeds: Mapping[str, np.ndarray]) -> tuple[int, int]:
 
 def calibration_feeds(rt: Runtime, batch: int | None = None) -> dict[str, np.ndarray]:
     """The artifact's calibration inputs, cut or tiled to ``batch`` samples (all of them for None)."""
-    cal = rt.header.get("calibration") or {}
-    if not cal:
+    feeds = rt.calibration("inputs")
+    if not feeds:
         raise InputError("the artifact holds no calibration inputs to profile with")
-    feeds = {k: rt._reader.read_array(r) for k, r in cal["inputs"].items()}
     if batch is None:
         return feeds
     out = {}

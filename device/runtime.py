@@ -455,13 +455,23 @@ class Runtime:
         The reference outputs were computed by the original model at full rank on the host, so at
         a smaller budget the error includes the truncation's effect, not only the backend's.
         """
-        cal = self.header.get("calibration")
-        if not cal:
+        if not self.header.get("calibration"):
             raise ArtifactError(f"{self._reader.name}: the artifact holds no calibration set")
-        inputs = {k: self._reader.read_array(r) for k, r in cal["inputs"].items()}
-        refs = {k: self._reader.read_array(r) for k, r in cal["outputs"].items()}
-        out = self.run(inputs)
+        refs = self.calibration("outputs")
+        out = self.run(self.calibration("inputs"))
         return {k: relative_error(out[k], ref) for k, ref in refs.items()}
+
+    def calibration(self, part: str = "inputs") -> dict[str, np.ndarray]:
+        """The artifact's stored calibration ``"inputs"``, or the ``"outputs"`` the original model gave
+        for them on the host, by name; read (and hash-checked) now, empty when the artifact has none.
+
+        >>> feeds = rt.calibration()                      # doctest: +SKIP
+        >>> errors = rt.verify()                          # doctest: +SKIP
+        """
+        if part not in ("inputs", "outputs"):
+            raise ValueError(f"calibration part must be 'inputs' or 'outputs', got {part!r}")
+        cal = self.header.get("calibration") or {}
+        return {k: self._reader.read_array(r) for k, r in (cal.get(part) or {}).items()}
 
     def close(self) -> None:
         """Close the artifact file."""

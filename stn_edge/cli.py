@@ -156,10 +156,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.input:
             feeds = _load_inputs(args.input, rt.input_names)
         else:
-            cal = rt.header.get("calibration") or {}
-            if not cal:
+            feeds = rt.calibration("inputs")
+            if not feeds:
                 raise InputError("no --input given and the artifact has no calibration inputs to run")
-            feeds = {k: rt._reader.read_array(r) for k, r in cal["inputs"].items()}
         out = rt.run(feeds)
         if args.output:
             np.savez(args.output, **out)

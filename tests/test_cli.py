@@ -165,3 +165,15 @@ def test_inspect_shows_compute_of_every_candidate(capsys, tmp_path):
     code, out, _ = _run(capsys, "inspect", path, "--json")
     rows = {c["name"]: c for c in json.loads(out)["layers"][0]["search"]}
     assert "skipped" not in rows["tt"] and rows["tt"]["macs_ratio"] > 1.0 and rows["tt"]["levels"] == 8
+
+
+def test_runtime_gives_its_calibration_set(tiny):
+    """One public accessor for the stored calibration set (the CLI's run and profile read it too)."""
+    from stn_edge.device import Runtime
+
+    _, _, arrays = tiny_parts()
+    with Runtime.load(tiny, backend="numpy") as rt:
+        np.testing.assert_array_equal(rt.calibration()["x"], arrays["x"])
+        np.testing.assert_array_equal(rt.calibration("outputs")["y"], arrays["y"])
+        with pytest.raises(ValueError, match="inputs"):
+            rt.calibration("labels")
