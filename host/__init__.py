@@ -1,6 +1,6 @@
 """The host side of stn-edge: capture, train with a low-rank regularizer, decompose, bake.
 
-Needs the ``host`` extra (torch, tensorly, onnx, onnxruntime).
+Needs the ``host`` extra (torch, onnx, onnxruntime).
 """
 from stn_edge.host.bake import BakeReport, bake
 from stn_edge.host.compress import CompressedModel, compress
