@@ -24,6 +24,7 @@ from stn_edge.format import ArtifactReader
 from stn_edge.graph import DTYPES, Graph, graph_from_dict
 from stn_edge.lowering import CORRECTION, apply_correction, assemble, assembled_shapes, corrected_factor, lower, stored_rows
 from stn_edge.cost import engine_cost, rest_us
+from stn_edge.latency import LayerLatency, plan_within_latency
 from stn_edge.plan import PLANNERS, Plan, ladder_specs, plan_ranks
 
 #: engines tried by ``backend="auto"``, in order, with why. Measured on a 2-core x86 CPU
@@ -115,7 +116,7 @@ class Runtime:
         planner : ``"greedy"`` (least predicted loss within the budget) or ``"uniform"`` (one rank
             ratio for all layers; a baseline for comparisons).
         latency_limit_ms : also keep the predicted latency at batch 1 within this, here and on every
-            :meth:`rescale` (see :func:`stn_edge.device.profile.plan_within_latency`): layers run dense
+            :meth:`rescale` (see :func:`stn_edge.latency.plan_within_latency`): layers run dense
             where dense is faster and the budget holds it, then the moves that save the most time
             per unit of predicted loss are taken. Without it the plan is the most accurate one within
             ``mem_limit`` (``plan.table()`` says where a layer runs slower than dense).
@@ -153,8 +154,6 @@ class Runtime:
         if latency_limit_ms is None:
             self._latency = None
             return
-        from stn_edge.device.profile import LayerLatency  # imports this module
-
         name = self._backend.name
         if profile is None:  # the engine's cost model, from the header alone
             table = LayerLatency.from_cost_model(self._specs, rest_us(self._reader.header, engine_cost(name)), name, self.device)
@@ -165,8 +164,6 @@ class Runtime:
     def predict_latency_ms(self, plan: Plan | None = None) -> float:
         """Predicted milliseconds of one batch-1 inference of ``plan`` (default: the current one), by
         the latency table in force (:meth:`limit_latency`) or this engine's cost model."""
-        from stn_edge.device.profile import LayerLatency  # imports this module
-
         plan = plan or self.plan
         if self._latency is not None:
             return self._latency[0].predict(plan)
@@ -209,8 +206,6 @@ class Runtime:
             first=self.plan is None, activations=lambda p: self.activation_bytes(p, batch),
         )
         if self._latency is not None:
-            from stn_edge.device.profile import plan_within_latency
-
             plan = plan_within_latency(plan, self._specs, *self._latency)
             plan.activation_bytes = self.activation_bytes(plan, batch)
         plan.batch_size = batch
