@@ -15,6 +15,7 @@ from stn_edge.errors import STNError
 from stn_edge.format import ArtifactBuilder
 from stn_edge.graph import Graph, graph_to_dict
 from stn_edge.host.correction import corrected_weight, layer_inputs, level_corrections, level_corrections_dense
+from stn_edge.host.decompositions.common import Decomposition
 from stn_edge.host.export import TorchInputs, calibration_feeds, capture, reference_outputs
 from stn_edge.host.importance import score_truncations
 from stn_edge.host.layers import Candidate, Skipped, find_layers
@@ -36,6 +37,22 @@ class BakedLayer:
     max_rank: int
     ladder_ranks: list[int]
     dense_bytes: int
+
+
+@dataclass(eq=False)  # compared by identity: a bake finds its layers again in lists
+class DecomposedLayer:
+    """One layer on its way into the artifact.
+
+    ``meta``: the layer record's plain fields (:meth:`Decomposition.layer`, plus ``tied`` and
+    ``search``); ``cand``: the layer as found in the graph; ``dec``: its decomposition; ``dense``:
+    the dense weight; ``corr``: the per-level output corrections ``(levels, 2, out)``, or None.
+    """
+
+    meta: dict[str, Any]
+    cand: Candidate
+    dec: Decomposition
+    dense: np.ndarray
+    corr: np.ndarray | None = None
 
 
 @dataclass
@@ -116,6 +133,10 @@ def bake(
 
     The artifact is written atomically: a failed bake leaves nothing at ``path``.
     """
+    if importance not in ("data", "spectral"):  # checked before any work starts
+        raise ValueError(f"importance must be 'data' or 'spectral', not {importance!r}")
+    if int(levels) < 1:
+        raise ValueError(f"levels must be at least 1, not {levels!r}")
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
     last = [t0]
@@ -155,46 +176,44 @@ def bake(
             decomposed.append(_decompose(cand, w, levels, families, None if x is None else x.ndim, search_limits,
                                          _positions(cand, value_shapes)))
         d = decomposed[-1]
-        say(f"decomposed {i + 1}/{len(candidates)}: {cand.name} {d['meta']['dense']['shape']} -> {d['dec'].family}")
+        say(f"decomposed {i + 1}/{len(candidates)}: {cand.name} {d.meta['dense']['shape']} -> {d.dec.family}")
     done("decompose")
     if correct and decomposed:
         say("measuring per-level output statistics")
         for d in decomposed:
-            cand, dec = d["cand"], d["dec"]
+            cand, dec = d.cand, d.dec
             if not _bias_name(cand):
                 continue
             bias = graph.initializers[_bias_name(cand)]
             if dec.family == "svd":
-                d["corr"] = level_corrections(cand, d["dense"], bias, dec.factors["a"], dec.factors["b"], d["ranks"],
-                                              inputs[cand.weight])
+                d.corr = level_corrections(cand, d.dense, bias, dec.factors["a"], dec.factors["b"], dec.ranks,
+                                           inputs[cand.weight])
             else:
-                d["corr"] = level_corrections_dense(cand, d["dense"], bias, dec.truncated, dec.levels, inputs[cand.weight])
+                d.corr = level_corrections_dense(cand, d.dense, bias, dec.truncated, dec.levels, inputs[cand.weight])
     done("correct")
     if importance == "data" and decomposed:
-        n_levels = sum(len(d["ranks"]) for d in decomposed)
+        n_levels = sum(len(d.dec.ranks) for d in decomposed)
         say(f"scoring {n_levels} truncation levels on {len(next(iter(score_feeds.values())))} calibration samples")
         losses = score_truncations(graph, score_feeds, [_level_overrides(graph, d) for d in decomposed],
                                    progress=lambda k, n: say(f"scored {k}/{n}"))
-        corrected = [d for d in decomposed if "corr" in d]
+        corrected = [d for d in decomposed if d.corr is not None]
         if corrected:
             # the correction is a guess that the next layer wants the full-rank statistics; it is
             # wrong for some layers (logits read by a softmax), so each level keeps it only where
             # it measurably lowers the output error
-            say(f"scoring {sum(len(d['ranks']) for d in corrected)} levels without correction")
+            say(f"scoring {sum(len(d.dec.ranks) for d in corrected)} levels without correction")
             raw = score_truncations(graph, score_feeds, [_level_overrides(graph, d, corrected=False) for d in corrected])
             for d, loss_raw in zip(corrected, raw):
                 i = decomposed.index(d)
                 for j, (with_corr, without) in enumerate(zip(losses[i], loss_raw)):
                     if without < with_corr:
-                        d["corr"][j, 0], d["corr"][j, 1] = 1.0, 0.0
+                        d.corr[j, 0], d.corr[j, 1] = 1.0, 0.0
                 losses[i] = [float(x) for x in np.minimum.accumulate(np.minimum(losses[i], loss_raw))]
-    elif importance in ("data", "spectral"):
-        losses = [d["spectral_loss"] for d in decomposed]
-        for d in decomposed:  # without measurements, do not correct layers that produce model outputs
-            if "corr" in d and _feeds_output(graph, d["cand"].node):
-                del d["corr"]
     else:
-        raise ValueError(f"importance must be 'data' or 'spectral', not {importance!r}")
+        losses = [d.dec.spectral_loss for d in decomposed]
+        for d in decomposed:  # without measurements, do not correct layers that produce model outputs
+            if d.corr is not None and _feeds_output(graph, d.cand.node):
+                d.corr = None
     done("score")
     reference = _reference_outputs(model, graph, feeds, example_inputs)
     header, builder = _assemble(graph, decomposed, losses, skipped, feeds, reference, value_shapes)
@@ -203,8 +222,8 @@ def bake(
     done("write")
     report = BakeReport(
         path=str(path), artifact_bytes=size, full_bytes=header["full_bytes"], skipped=skipped,
-        layers=[BakedLayer(d["meta"]["name"], d["dec"].family, tuple(d["meta"]["dense"]["shape"]), d["meta"]["max_rank"],
-                           d["ranks"], int(graph.initializers[d["meta"]["weight"]].nbytes)) for d in decomposed],
+        layers=[BakedLayer(d.meta["name"], d.dec.family, tuple(d.meta["dense"]["shape"]), d.meta["max_rank"],
+                           d.dec.ranks, int(graph.initializers[d.meta["weight"]].nbytes)) for d in decomposed],
         seconds=time.perf_counter() - t0, phases={k: round(v, 2) for k, v in phases.items()},
     )
     say(f"done in {report.seconds:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.phases.items()))
@@ -276,14 +295,14 @@ def _ensure_bias(graph: Graph, cand: Candidate) -> None:
     node.inputs = node.inputs[:2] + [name]
 
 
-def _level_overrides(graph: Graph, d: dict[str, Any], corrected: bool = True) -> list[dict[str, np.ndarray]]:
+def _level_overrides(graph: Graph, d: DecomposedLayer, corrected: bool = True) -> list[dict[str, np.ndarray]]:
     """For each level, the constants that differ from the dense model: the weight, and the bias if corrected."""
-    cand, out = d["cand"], []
-    for j in range(len(d["ranks"])):
-        w_k = d["truncated"](j)
-        if corrected and "corr" in d:
+    cand, out = d.cand, []
+    for j in range(len(d.dec.ranks)):
+        w_k = d.dec.truncated(j)
+        if corrected and d.corr is not None:
             bias = graph.initializers[_bias_name(cand)]
-            w_k, b_k = corrected_weight(cand, w_k, bias, d["corr"][j])
+            w_k, b_k = corrected_weight(cand, w_k, bias, d.corr[j])
             out.append({cand.weight: w_k, _bias_name(cand): b_k})
         else:
             out.append({cand.weight: w_k})
@@ -303,7 +322,7 @@ def _positions(cand: Candidate, value_shapes: dict[str, Any] | None) -> int | No
 
 def _decompose(cand: Candidate, w: np.ndarray, levels: int, families: list[str] | None,
                input_rank: int | None, limits: SearchLimits | None = None,
-               positions: int | None = None) -> dict[str, Any]:
+               positions: int | None = None) -> DecomposedLayer:
     """Decompose one weight with the best family (or SVD); the layer fields and ladder helpers."""
     from stn_edge.host.decompositions.svd import decompose_svd
     from stn_edge.host.structure import SearchLimits, choose_structure
@@ -325,8 +344,7 @@ def _decompose(cand: Candidate, w: np.ndarray, levels: int, families: list[str] 
         meta["tied"] = cand.uses  # one stored copy and ladder, lowered at every node that reads it
     if report:
         meta["search"] = report
-    return {"meta": meta, "cand": cand, "dec": best, "ranks": list(best.ranks), "truncated": best.truncated,
-            "dense": w, "spectral_loss": best.spectral_loss}
+    return DecomposedLayer(meta, cand, best, w)
 
 
 def _reference_outputs(model: Any, graph: Graph, feeds: dict[str, np.ndarray],
@@ -348,20 +366,20 @@ def _reference_outputs(model: Any, graph: Graph, feeds: dict[str, np.ndarray],
 def _assemble(graph, decomposed, losses, skipped, feeds, reference,
               value_shapes=None) -> tuple[dict[str, Any], ArtifactBuilder]:
     builder = ArtifactBuilder()
-    layer_weights = {d["meta"]["weight"] for d in decomposed}
+    layer_weights = {d.meta["weight"] for d in decomposed}
     tensors = {k: builder.add_array(v) for k, v in graph.initializers.items() if k not in layer_weights}
     layers = []
     for d, loss in zip(decomposed, losses):
-        meta = dict(d["meta"])
-        meta["dense"] = builder.add_array(d["dense"])
-        meta["factors"] = {k: builder.add_rows(v, d["dec"].row_ends[k]) for k, v in d["dec"].factors.items()}
+        meta = dict(d.meta)
+        meta["dense"] = builder.add_array(d.dense)
+        meta["factors"] = {k: builder.add_rows(v, d.dec.row_ends[k]) for k, v in d.dec.factors.items()}
         corr_bytes = 0
-        if "corr" in d:
-            meta["corrections"] = builder.add_rows(d["corr"], range(1, len(d["ranks"]) + 1))
-            corr_bytes = int(d["corr"][0].nbytes)
+        if d.corr is not None:
+            meta["corrections"] = builder.add_rows(d.corr, range(1, len(d.dec.ranks) + 1))
+            corr_bytes = int(d.corr[0].nbytes)
         meta["ladder"] = {
             **meta["ladder"],  # ranks and, for multi-bond families, the bonds of each level
-            "bytes": [int(b) + corr_bytes for b in d["dec"].level_bytes],
+            "bytes": [int(b) + corr_bytes for b in d.dec.level_bytes],
             "loss": [float(x) for x in loss],
         }
         layers.append(meta)

@@ -64,3 +64,14 @@ def test_downstream_scores_equal_whole_model_runs(backend):
             want.append(sum(float(np.sum(np.square(y[k].astype(np.float64) - ref[k]))) for k in ref) / scale)
         np.testing.assert_allclose(losses, np.minimum.accumulate(want), rtol=1e-4, atol=1e-9)
     assert got[2][-1] == pytest.approx(0.0, abs=1e-12)  # the dense weight again: no loss
+
+
+@pytest.mark.parametrize("kwargs, match", [({"importance": "bogus"}, "importance"), ({"levels": 0}, "levels")])
+def test_bake_refuses_bad_arguments_before_any_work(tmp_path, kwargs, match):
+    """No capture runs: the model here is not even a model."""
+    pytest.importorskip("torch")
+    from stn_edge.host import bake
+
+    with pytest.raises(ValueError, match=match):
+        bake(object(), None, tmp_path / "never.stn", progress=False, **kwargs)
+    assert not (tmp_path / "never.stn").exists()
