@@ -27,6 +27,7 @@ from typing import Any, BinaryIO, Iterable
 import msgpack
 import numpy as np
 
+from stn_edge import families
 from stn_edge.errors import ArtifactError
 from stn_edge.graph import DTYPES
 
@@ -614,18 +615,6 @@ def _validate_layer(v: "_Validator", layer: Any, where: str) -> None:
             v.fail(f"{where}.ladder.bytes[{j}] = {cost} but its factor blocks hold {have} bytes")
 
 
-#: the factors each family stores, required and optional (their storage forms: docs/FORMAT.md and the end
-#: of stn_edge/lowering.py; ``tt`` stores a middle ``core`` for three cores). A family not listed here is
-#: refused by the lowering, which names the families it knows.
-FAMILY_FACTORS: dict[str, tuple[frozenset, frozenset]] = {
-    "svd": (frozenset("ab"), frozenset()),
-    "svd-spatial": (frozenset("ab"), frozenset()),
-    "tucker2": (frozenset(("a", "core", "b")), frozenset()),
-    "cp": (frozenset("ahwb"), frozenset()),
-    "tt": (frozenset("ab"), frozenset(("core",))),
-    "tr": (frozenset(("a", "core", "b")), frozenset()),
-    "fctn": (frozenset(("a", "core", "b")), frozenset()),
-}
 _MAX_MODES = 8
 #: how another node may read a tied (SVD) weight
 _TIED_KINDS = ("linear", "conv", "embedding")
@@ -634,13 +623,14 @@ _TIED_KINDS = ("linear", "conv", "embedding")
 def _validate_family_fields(v: "_Validator", layer: dict, ladder: dict, factors: dict, levels: int, where: str) -> None:
     """The family-specific fields the runtime reads: factor names, ``structure``, ``ladder.bonds``, ``tied``."""
     family = layer["family"]
-    if family in FAMILY_FACTORS:
-        required, optional = FAMILY_FACTORS[family]
+    known = families.get(family) if family in families.names() else None
+    if known is not None:
+        required, optional = set(known.factors), set(known.optional_factors)
         if not required <= set(factors) <= required | optional:
             v.fail(f"{where}.factors are {_short(sorted(factors))}; family {family} stores {sorted(required)}"
                    + (f" and optionally {sorted(optional)}" if optional else ""))
-    if family in FAMILY_FACTORS and family != "svd" and "structure" not in layer:
-        v.fail(f"{where}.structure is missing; a {family} layer's lowering reads it")
+        if known.needs_structure and "structure" not in layer:
+            v.fail(f"{where}.structure is missing; a {family} layer's lowering reads it")
     structure = v.names(layer.get("structure", {}), f"{where}.structure")
     bonds = ladder.get("bonds")
     n_bonds = 0

@@ -54,7 +54,8 @@ def _toy_macs(d: LayerDims, bonds: list[int]) -> float:
     return float(r * (d.inp + d.out))
 
 
-TOY = Family("toy", {"linear": _toy_linear}, _toy_reconstruct, _toy_macs, extra_ops=2, output_factor=("q", 1))
+TOY = Family("toy", {"linear": _toy_linear}, _toy_reconstruct, _toy_macs, extra_ops=2, output_factor=("q", 1),
+             factors=("p", "q"))
 
 
 def _toy_decompose(w: np.ndarray, layout: str, levels: int):

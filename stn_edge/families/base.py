@@ -66,6 +66,9 @@ class Family:
         correction scale folds in; None: the scale runs as one Mul after the layer.
     held_axes : ``(layer, factor name, ndim) -> axes or None``: how the runtime holds a factor (the
         axes of its canonical form in the held array's order; None: as stored).
+    factors : the factors every layer of this family stores (the reader refuses others).
+    optional_factors : factors some layers store (``tt``'s middle ``core`` for three cores).
+    needs_structure : whether the lowering reads the layer's ``structure`` (the reader requires it).
     """
 
     name: str
@@ -75,6 +78,9 @@ class Family:
     extra_ops: int
     output_factor: tuple[str, int] | None = None
     held_axes: Callable[[dict[str, Any], str, int], tuple[int, ...] | None] = field(default=_held_as_stored)
+    factors: tuple[str, ...] = ("a", "b")
+    optional_factors: tuple[str, ...] = ()
+    needs_structure: bool = True
 
 
 # --------------------------------------------------------------------------- pieces lowerings share

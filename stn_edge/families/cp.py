@@ -39,4 +39,5 @@ def _macs(d: LayerDims, bonds: list[int]) -> float:
     return float(d.s * r * d.inp + d.strides[1] * r * d.kernel[0] + r * d.kernel[1] + r * d.out)
 
 
-FAMILY = Family("cp", {"conv": _conv}, _reconstruct, _macs, extra_ops=3, output_factor=("b", 1))
+FAMILY = Family("cp", {"conv": _conv}, _reconstruct, _macs, extra_ops=3, output_factor=("b", 1),
+                factors=("a", "h", "w", "b"))

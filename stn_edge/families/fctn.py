@@ -11,4 +11,4 @@ from stn_edge.families.base import Family
 from stn_edge.families.tr import lower_ring, reconstruct_ring, ring_held_axes, ring_macs
 
 FAMILY = Family("fctn", {"conv": lower_ring}, reconstruct_ring, ring_macs, extra_ops=4, output_factor=("b", 1),
-                held_axes=ring_held_axes)
+                held_axes=ring_held_axes, factors=("a", "core", "b"))

@@ -75,4 +75,4 @@ def _macs(d: LayerDims, bonds: list[int]) -> float:
 
 
 FAMILY = Family("svd", {"conv": _conv, "linear": _linear, "embedding": _embedding}, _reconstruct, _macs,
-                extra_ops=1, output_factor=("b", 1))
+                extra_ops=1, output_factor=("b", 1), needs_structure=False)

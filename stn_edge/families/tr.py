@@ -57,4 +57,4 @@ def ring_held_axes(layer: dict[str, Any], name: str, ndim: int) -> tuple[int, ..
 
 
 FAMILY = Family("tr", {"conv": lower_ring}, reconstruct_ring, ring_macs, extra_ops=4, output_factor=("b", 1),
-                held_axes=ring_held_axes)
+                held_axes=ring_held_axes, factors=("a", "core", "b"))

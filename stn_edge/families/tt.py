@@ -179,4 +179,5 @@ def _held_axes(layer: dict[str, Any], name: str, ndim: int) -> tuple[int, ...] |
     return None
 
 
-FAMILY = Family("tt", {"linear": _linear, "conv": _conv}, _reconstruct, _macs, extra_ops=3, held_axes=_held_axes)
+FAMILY = Family("tt", {"linear": _linear, "conv": _conv}, _reconstruct, _macs, extra_ops=3, held_axes=_held_axes,
+                optional_factors=("core",))

@@ -41,4 +41,5 @@ def _macs(d: LayerDims, bonds: list[int]) -> float:
     return float(d.s * r_in * d.inp + r_out * r_in * d.K + d.out * r_out)
 
 
-FAMILY = Family("tucker2", {"conv": _conv}, _reconstruct, _macs, extra_ops=2, output_factor=("b", 1))
+FAMILY = Family("tucker2", {"conv": _conv}, _reconstruct, _macs, extra_ops=2, output_factor=("b", 1),
+                factors=("a", "core", "b"))
