@@ -154,22 +154,20 @@ class Runtime:
         if latency_limit_ms is None:
             self._latency = None
             return
-        name = self._backend.name
-        if profile is None:  # the engine's cost model, from the header alone
-            table = LayerLatency.from_cost_model(self._specs, rest_us(self._reader.header, engine_cost(name)), name, self.device)
-        else:
-            table = LayerLatency.for_engine(profile, name, self.device)
+        table = self._cost_model() if profile is None else LayerLatency.for_engine(profile, self._backend.name, self.device)
         self._latency = (table, float(latency_limit_ms))
 
     def predict_latency_ms(self, plan: Plan | None = None) -> float:
         """Predicted milliseconds of one batch-1 inference of ``plan`` (default: the current one), by
         the latency table in force (:meth:`limit_latency`) or this engine's cost model."""
         plan = plan or self.plan
-        if self._latency is not None:
-            return self._latency[0].predict(plan)
-        name = self._backend.name
-        table = LayerLatency.from_cost_model(self._specs, rest_us(self._reader.header, engine_cost(name)), name, self.device)
+        table = self._latency[0] if self._latency is not None else self._cost_model()
         return table.predict(plan)
+
+    def _cost_model(self) -> LayerLatency:
+        """This engine's cost model as a latency table, from the header alone (:mod:`stn_edge.cost`)."""
+        name = self._backend.name
+        return LayerLatency.from_cost_model(self._specs, rest_us(self._reader.header, engine_cost(name)), name, self.device)
 
     def _check_graph(self) -> None:
         names = {n.name for n in self._template.nodes}

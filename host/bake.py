@@ -1,7 +1,6 @@
 """Bake: capture a model, decompose every eligible layer at maximal rank, score, write one artifact."""
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from stn_edge import __version__
+from stn_edge.cost import positions
 from stn_edge.errors import STNError
 from stn_edge.format import ArtifactBuilder
 from stn_edge.graph import Graph, graph_to_dict
@@ -313,11 +313,7 @@ def _positions(cand: Candidate, value_shapes: dict[str, Any] | None) -> int | No
     """Output positions of ``cand`` per sample (a conv's output pixels, a linear layer's rows), from
     the shapes recorded at batch 1; None when unknown."""
     rec = (value_shapes or {}).get(cand.node.outputs[0])
-    if rec is None:
-        return None
-    shape = [int(d) for d in rec[0]]
-    n = math.prod(shape[2:]) if cand.kind == "conv" else math.prod(shape[:-1])
-    return max(int(n), 1)
+    return None if rec is None else positions(cand.kind, rec[0])
 
 
 def _decompose(cand: Candidate, w: np.ndarray, levels: int, families: list[str] | None,

@@ -206,3 +206,25 @@ def rest_us(header: Mapping[str, Any], engine: EngineCost) -> float:
         if n["op"] in _MAC_OPS and out is not None and all(s is not None for s in ins[:2]):
             macs += node_macs(n["op"], n.get("attrs") or {}, ins, out)
     return engine.us(macs, ops)
+
+
+def layer_costs(header: Mapping[str, Any], engine: EngineCost) -> dict[str, LayerCost]:
+    """Predicted time per level of every factorized layer whose output shape the header records.
+
+    A layer whose record the cost model cannot read (an unknown family, a field of the wrong type)
+    gets no prediction: the cost model informs the plan, it never stops a load."""
+    shapes = header.get("value_shapes") or {}
+    out = {}
+    try:
+        attrs = {n["name"]: (n.get("attrs") or {}, n["outputs"][0]) for n in header["model"]["nodes"]}
+    except (KeyError, TypeError, IndexError, AttributeError):
+        return out
+    for l in header["layers"]:
+        try:
+            node_attrs, output = attrs.get(l["node"], ({}, None))
+            rec = shapes.get(output) if isinstance(output, str) else None
+            if rec is not None:
+                out[l["name"]] = layer_cost(l, node_attrs, rec[0], engine)  # strides are plain ints in the header
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError):
+            continue
+    return out

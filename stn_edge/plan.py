@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
-from stn_edge.cost import EngineCost, LayerCost, layer_cost
+from stn_edge.cost import EngineCost, LayerCost, layer_costs
 from stn_edge.errors import BudgetError
 
 if TYPE_CHECKING:
@@ -358,24 +358,3 @@ def ladder_specs(reader: "ArtifactReader", engine: EngineCost | None = None) -> 
     fixed = sum(reader.array_ref(r).nbytes for r in reader.header["tensors"].values())
     return specs, fixed
 
-
-def layer_costs(header: dict[str, Any], engine: EngineCost) -> dict[str, LayerCost]:
-    """Predicted time per level of every factorized layer whose output shape the header records.
-
-    A layer whose record the cost model cannot read (an unknown family, a field of the wrong type)
-    gets no prediction: the cost model informs the plan, it never stops a load."""
-    shapes = header.get("value_shapes") or {}
-    out = {}
-    try:
-        attrs = {n["name"]: (n.get("attrs") or {}, n["outputs"][0]) for n in header["model"]["nodes"]}
-    except (KeyError, TypeError, IndexError, AttributeError):
-        return out
-    for l in header["layers"]:
-        try:
-            node_attrs, output = attrs.get(l["node"], ({}, None))
-            rec = shapes.get(output) if isinstance(output, str) else None
-            if rec is not None:
-                out[l["name"]] = layer_cost(l, node_attrs, rec[0], engine)  # strides are plain ints in the header
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError):
-            continue
-    return out
