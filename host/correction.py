@@ -21,26 +21,14 @@ from typing import Sequence
 
 import numpy as np
 
-from stn_edge.graph import Graph, ValueInfo
+from stn_edge.graph import Graph
+from stn_edge.host.importance import dense_values
 from stn_edge.host.layers import Candidate
 
 
 def layer_inputs(graph: Graph, candidates: Sequence[Candidate], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The input activation of every candidate layer on ``feeds`` (weight name -> array)."""
-    from stn_edge.device.backends import get_backend
-
-    wanted = {c.node.inputs[0] for c in candidates} - {v.name for v in graph.inputs}
-    probe = Graph(graph.nodes, graph.inputs, graph.outputs + [ValueInfo(n, [], "float32") for n in sorted(wanted)],
-                  graph.initializers, graph.opset)
-    from stn_edge.errors import UnsupportedOp
-
-    try:
-        exe = get_backend("numpy").prepare(probe)
-    except UnsupportedOp:
-        # outputs declared without shapes: onnxruntime accepts them and reports the real shapes
-        exe = get_backend("onnxruntime").prepare(probe)
-    values = exe.run(feeds)
-    values.update(feeds)
+    """The input activation of every candidate layer on ``feeds`` (weight name -> array), from one run."""
+    values = dense_values(graph, feeds, sorted({c.node.inputs[0] for c in candidates}))
     return {c.weight: values[c.node.inputs[0]] for c in candidates}
 
 

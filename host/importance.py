@@ -49,16 +49,20 @@ def downstream(graph: Graph, constants: set[str]) -> tuple[list[Node], list[str]
     return nodes, boundary
 
 
-def _values(graph: Graph, feeds: dict[str, np.ndarray], names: Sequence[str], backend: str) -> dict[str, np.ndarray]:
-    """``names`` (and the graph's outputs) computed by running ``graph`` once on ``feeds``."""
-    extra = [ValueInfo(n, [], "float32") for n in names if n not in feeds and n not in {o.name for o in graph.outputs}]
+def dense_values(graph: Graph, feeds: dict[str, np.ndarray], names: Sequence[str], backend: str = "auto") -> dict[str, np.ndarray]:
+    """``feeds``, the graph's outputs and the intermediate values ``names``, from one run of ``graph``.
+
+    The numpy reference runs it first (these extra outputs have no declared shapes, which
+    onnxruntime may refuse); onnxruntime where the reference cannot (an op it lacks), and reports
+    the real shapes. ``backend="numpy"`` allows the reference only."""
+    outputs = {o.name for o in graph.outputs}
+    extra = [ValueInfo(n, [], "float32") for n in names if n not in feeds and n not in outputs]
     probe = Graph(graph.nodes, graph.inputs, graph.outputs + extra, graph.initializers, graph.opset)
-    # the reference first: these extra outputs have no declared shapes, which onnxruntime may refuse
     order = ["numpy"] if backend == "numpy" else ["numpy", "onnxruntime"]
     for name in order:
         try:
             return {**feeds, **get_backend(name).prepare(probe, "cpu").run(feeds)}
-        except BackendError:  # an op the reference cannot run: onnxruntime reports the real shapes
+        except BackendError:
             if name == order[-1]:
                 raise
     raise AssertionError("unreachable")
@@ -83,7 +87,7 @@ def score_truncations(
     (:func:`downstream`), fed those values.
     """
     cuts = [downstream(graph, {name for level in levels for name in level}) for levels in layers]
-    ref = _values(graph, feeds, sorted({b for _, boundary in cuts for b in boundary}), backend)
+    ref = dense_values(graph, feeds, sorted({b for _, boundary in cuts for b in boundary}), backend)
     outputs = [o.name for o in graph.outputs]
     scale = sum(float(np.sum(np.square(ref[k], dtype=np.float64))) for k in outputs) or 1.0
     out: list[list[float]] = []
