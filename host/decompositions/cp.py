@@ -58,6 +58,12 @@ def _svd_start(x: np.ndarray, rank: int, rng: np.random.Generator) -> list[np.nd
     return factors
 
 
+def _khatri_rao(a: np.ndarray, h: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``(i * kh * kw, R)``: column ``r`` is ``a[:, r] (x) h[:, r] (x) v[:, r]``, so ``B @ kr.T`` is the
+    kernel ``(o, i * kh * kw)`` of the CP factors ``[B, A, H, V]``."""
+    return (a[:, None, None, :] * h[None, :, None, :] * v[None, None, :, :]).reshape(-1, a.shape[1])
+
+
 def _als(x: np.ndarray, factors: list[np.ndarray], iters: int, deadline: float, ridge: float) -> list[np.ndarray]:
     """ALS sweeps on ``[B (o,R), A (i,R), H (kh,R), V (kw,R)]`` until ``iters`` or ``deadline``.
 
@@ -73,7 +79,7 @@ def _als(x: np.ndarray, factors: list[np.ndarray], iters: int, deadline: float, 
             break
         grams = [f.T @ f for f in (b, a, h, v)]
         # B: X_(o) @ khatri-rao(A, H, V)
-        kr = (a[:, None, None, :] * h[None, :, None, :] * v[None, None, :, :]).reshape(-1, a.shape[1])
+        kr = _khatri_rao(a, h, v)
         g = grams[1] * grams[2] * grams[3]
         b = np.linalg.solve(g + ridge * np.trace(g) / len(g) * np.eye(len(g)), (x_o @ kr).T).T
         t = (b.T @ x_o).reshape(-1, i, kh, kw)                              # (R, i, kh, kw)
@@ -191,9 +197,7 @@ def fit_cp_nested(w: np.ndarray, ranks: list[int], iters: int = 30, seconds: flo
             left = max(t_end - time.perf_counter(), 0.0)
             deadline = time.perf_counter() + left * (r - start) / max(ranks[-1] - start, 1)
         f = _als(residual, _svd_start(residual, r - start, rng), iters, deadline, ridge)
-        b, a, h, v = f
-        residual -= (b @ (a[:, None, None, :] * h[None, :, None, :] * v[None, None, :, :]).reshape(-1, b.shape[1]).T
-                     ).reshape(residual.shape)
+        residual -= (f[0] @ _khatri_rao(*f[1:]).T).reshape(residual.shape)
         blocks.append(f)
         start = r
     factors = [np.concatenate([blk[k] for blk in blocks], axis=1) for k in range(4)]
