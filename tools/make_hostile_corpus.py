@@ -4,7 +4,7 @@ Each file is derived from the golden artifact (``tests/golden/tiny-v1.stn``) by 
 manifest (``tests/corpus/MANIFEST.json``) says for each file what it attacks, the stage that must
 refuse it (``open``: :class:`~stn_edge.format.ArtifactReader`; ``load``: only reading its blocks
 can tell, so ``Runtime.load``) and a regex the :class:`~stn_edge.errors.ArtifactError` message
-matches. ``tests/test_reliability.py`` opens every file.
+matches. ``tests/test_hostile_artifacts.py`` opens every file.
 
     python tools/make_hostile_corpus.py            # rewrite tests/corpus/
     python tools/make_hostile_corpus.py --check    # fail if the committed corpus differs
