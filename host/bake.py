@@ -15,6 +15,7 @@ from stn_edge.errors import STNError
 from stn_edge.format import ArtifactBuilder
 from stn_edge.graph import Graph, graph_to_dict
 from stn_edge.host.correction import corrected_weight, layer_inputs, level_corrections, level_corrections_dense
+from stn_edge.host.decompositions import needs_input_rank, record_input_rank
 from stn_edge.host.decompositions.common import Decomposition
 from stn_edge.host.export import TorchInputs, calibration_feeds, capture, reference_outputs
 from stn_edge.host.importance import score_truncations
@@ -158,7 +159,7 @@ def bake(
     for cand in candidates:
         _ensure_bias(graph, cand)
     score_feeds = {k: v[:score_samples] for k, v in feeds.items()}
-    needs_inputs = [c for c in candidates if (correct and _bias_name(c)) or (families != ["svd"] and c.kind == "linear")]
+    needs_inputs = [c for c in candidates if (correct and _bias_name(c)) or needs_input_rank(c.kind, families)]
     inputs = layer_inputs(graph, needs_inputs, score_feeds) if needs_inputs else {}
     done("layer inputs")
     say("recording activation shapes at batch 1 and 2")
@@ -333,8 +334,7 @@ def _decompose(cand: Candidate, w: np.ndarray, levels: int, families: list[str] 
         except ValueError as exc:  # none of the allowed families fits this shape (Tucker-2 on a 1x1 conv)
             best = decompose_svd(w, cand.kind, cand.layout, levels)
             report = [{"name": "svd", "family": "svd", "fallback": str(exc)}]
-    if best.family == "tt" and cand.kind == "linear" and input_rank:
-        best.structure["input_rank"] = int(input_rank)
+    record_input_rank(best, input_rank)
     meta = best.layer(name=cand.name, node=cand.node.name, weight=cand.weight)
     if cand.uses:
         meta["tied"] = cand.uses  # one stored copy and ladder, lowered at every node that reads it

@@ -38,11 +38,14 @@ class SearchFamily:
     ``order`` sorts the report and breaks exact ties (lower first); ``trials(kind, shape, layout,
     levels, limits)`` gives the :class:`Trial` s that apply to a layer (none when the family cannot
     factorize it), ``limits`` being a :class:`stn_edge.host.structure.SearchLimits`.
+    ``input_rank_kinds`` are the layer kinds whose lowering depends on the rank of the layer's input
+    (tt: a Linear fed ``(N, T, in)`` keeps its lead axes); bake records it as ``structure["input_rank"]``.
     """
 
     name: str
     order: int
     trials: Callable[[str, tuple[int, ...], str, int, Any], list[Trial]]
+    input_rank_kinds: frozenset[str] = frozenset()
 
 
 #: relative energy below which a tail counts as exactly zero (the weight is exactly low-rank there)

@@ -61,7 +61,8 @@ def decompose_tt(w: np.ndarray, kind: str, layout: str = "conv", levels: int = 3
     """TT of a Linear weight (``d`` = 2 or 3 paired modes) or a 2-D conv kernel (2 channel modes).
 
     Modes default to balanced factorizations (:func:`balanced_factors`, :func:`conv_modes`); a Linear
-    layer fed an N-D input needs ``structure["input_rank"]`` set by the caller (default 2).
+    layer fed an N-D input needs ``structure["input_rank"]`` set by the caller (default 2; bake sets it,
+    ``SEARCH.input_rank_kinds``).
     """
     t0 = time.perf_counter()
     if kind == "conv":
@@ -139,4 +140,4 @@ def _trials(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits)
 
 
 #: linear layers (two and three cores) and 2-D convs (including 1x1)
-SEARCH = SearchFamily("tt", 40, _trials)
+SEARCH = SearchFamily("tt", 40, _trials, input_rank_kinds=frozenset({"linear"}))
