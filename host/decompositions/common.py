@@ -40,11 +40,16 @@ class SearchFamily:
     factorize it), ``limits`` being a :class:`stn_edge.host.structure.SearchLimits`.
     ``input_rank_kinds`` are the layer kinds whose lowering depends on the rank of the layer's input
     (tt: a Linear fed ``(N, T, in)`` keeps its lead axes); bake records it as ``structure["input_rank"]``.
+    ``torch_weight(layer, factors)`` is the torch form the family trains as: the dense weight, in the
+    node's layout, rebuilt with differentiable torch ops from factors in their canonical form (as
+    :func:`stn_edge.lowering.reconstruct` reads them; :mod:`stn_edge.host.ladder_training`); None when
+    the family cannot be trained factorized.
     """
 
     name: str
     order: int
     trials: Callable[[str, tuple[int, ...], str, int, Any], list[Trial]]
+    torch_weight: Callable[[dict[str, Any], dict[str, Any]], Any] | None = None
     input_rank_kinds: frozenset[str] = frozenset()
 
 

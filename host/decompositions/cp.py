@@ -243,5 +243,12 @@ def _trials(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits)
     return [Trial("cp", lambda w: decompose_cp(w, levels, max_work=limits.cp_max_work, seconds=limits.cp_seconds), skip)]
 
 
+def torch_weight(layer: dict, f: dict) -> "torch.Tensor":
+    """The kernel from torch factors ``a (R, C_in)``, ``h (R, kh)``, ``w (R, kw)``, ``b (R, C_out)``."""
+    import torch
+
+    return torch.einsum("ro,ri,ry,rx->oiyx", f["b"], f["a"], f["h"], f["w"])
+
+
 #: 2-D conv kernels up to ``SearchLimits.cp_max_size`` weights
-SEARCH = SearchFamily("cp", 30, _trials)
+SEARCH = SearchFamily("cp", 30, _trials, torch_weight)

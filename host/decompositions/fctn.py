@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from stn_edge.host.decompositions.common import Decomposition, SearchFamily
-from stn_edge.host.decompositions.tr import ring_decomposition, ring_tensor, ring_trials
+from stn_edge.host.decompositions.tr import ring_decomposition, ring_tensor, ring_torch_weight, ring_trials
 
 EDGES = ("in-out", "in-kernel", "kernel-out")  # bonds r_0, r_1, r_2 of the ring
 
@@ -73,4 +73,4 @@ def decompose_fctn(w: np.ndarray, levels: int = 32, target: float = 0.5, sweeps:
 
 
 #: conv kernels larger than 1x1, up to ``SearchLimits.ring_max_size`` weights
-SEARCH = SearchFamily("fctn", 60, ring_trials("fctn", decompose_fctn))
+SEARCH = SearchFamily("fctn", 60, ring_trials("fctn", decompose_fctn), ring_torch_weight)

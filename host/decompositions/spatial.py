@@ -64,5 +64,13 @@ def _trials(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits)
     return out
 
 
+def torch_weight(layer: dict, f: dict) -> "torch.Tensor":
+    """The kernel ``(C_out, C_in, kh, kw)`` from torch factors ``a (r, C_in, k1)``, ``b (r, C_out, k2)``."""
+    import torch
+
+    first = layer["structure"].get("first", "h")
+    return torch.einsum("riy,rox->oiyx" if first == "h" else "rix,roy->oiyx", f["a"], f["b"])
+
+
 #: 2-D conv kernels larger than 1x1; the width-first split too when the kernel is not square
-SEARCH = SearchFamily("svd-spatial", 10, _trials)
+SEARCH = SearchFamily("svd-spatial", 10, _trials, torch_weight)

@@ -65,5 +65,13 @@ def _trials(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits)
     return [Trial("svd", lambda w: decompose_svd(w, kind, layout, levels))]
 
 
+def torch_weight(layer: dict, f: dict) -> "torch.Tensor":
+    """The dense weight from torch factors ``a (r, in, *kernel)`` / ``a (r, in)`` and ``b (r, out)``
+    (the contract's reconstruct is plain matrix algebra and runs on torch tensors as it is)."""
+    from stn_edge import families
+
+    return families.get("svd").reconstruct(layer, f)
+
+
 #: every layer kind, and the only family that lowers a table lookup (Gather on ``a^T``)
-SEARCH = SearchFamily("svd", 0, _trials)
+SEARCH = SearchFamily("svd", 0, _trials, torch_weight)

@@ -174,5 +174,15 @@ def ring_trials(name: str, decompose) -> Callable[..., list[Trial]]:
     return trials
 
 
+def ring_torch_weight(layer: dict, f: dict) -> "torch.Tensor":
+    """The kernel from torch ring cores ``a (r0, r1, C_in)``, ``core (r1, r2, *k)``, ``b (r2, r0, C_out)``
+    (shared with ``fctn``)."""
+    import torch
+
+    core = f["core"]
+    w = torch.einsum("abi,bgk,gao->oik", f["a"], core.reshape(core.shape[0], core.shape[1], -1), f["b"])
+    return w.reshape(tuple(layer["dense"]["shape"]))
+
+
 #: conv kernels larger than 1x1, up to ``SearchLimits.ring_max_size`` weights
-SEARCH = SearchFamily("tr", 50, ring_trials("tr", decompose_tr))
+SEARCH = SearchFamily("tr", 50, ring_trials("tr", decompose_tr), ring_torch_weight)

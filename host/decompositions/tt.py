@@ -139,5 +139,22 @@ def _trials(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits)
     return []
 
 
+def torch_weight(layer: dict, f: dict) -> "torch.Tensor":
+    """The dense weight from torch cores: conv ``a (r1, i1, o1)``, ``core (r1, r2, kh, kw)``,
+    ``b (r2, i2, o2)``; linear ``a (r1, i1, o1)``, [``core (r1, r2, i2, o2)``], ``b (r_last, i_d, o_d)``."""
+    import torch
+
+    shape = tuple(layer["dense"]["shape"])
+    if layer["kind"] == "conv":  # (o1, o2, i1, i2, kh, kw)
+        return torch.einsum("pac,pqyx,qbd->cdabyx", f["a"], f["core"], f["b"]).reshape(shape)
+    ins, outs = layer["structure"]["in_modes"], layer["structure"]["out_modes"]
+    if "core" in f:
+        t = torch.einsum("pil,pqjm,qkn->ijklmn", f["a"], f["core"], f["b"])
+    else:
+        t = torch.einsum("rik,rjl->ijkl", f["a"], f["b"])
+    m = t.reshape(math.prod(ins), math.prod(outs))  # (in, out)
+    return m if layer.get("layout") == "in_out" else m.T
+
+
 #: linear layers (two and three cores) and 2-D convs (including 1x1)
-SEARCH = SearchFamily("tt", 40, _trials, input_rank_kinds=frozenset({"linear"}))
+SEARCH = SearchFamily("tt", 40, _trials, torch_weight, input_rank_kinds=frozenset({"linear"}))

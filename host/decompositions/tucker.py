@@ -56,5 +56,12 @@ def _trials(kind: str, shape: tuple[int, ...], layout: str, levels: int, limits)
     return [Trial("tucker2", lambda w: decompose_tucker2(w, levels))]
 
 
+def torch_weight(layer: dict, f: dict) -> "torch.Tensor":
+    """The kernel from torch factors ``a (r_in, C_in)``, ``core (r_out, r_in, *k)``, ``b (r_out, C_out)``."""
+    import torch
+
+    return torch.einsum("po,pq...,qi->oi...", f["b"], f["core"], f["a"])
+
+
 #: conv kernels larger than 1x1
-SEARCH = SearchFamily("tucker2", 20, _trials)
+SEARCH = SearchFamily("tucker2", 20, _trials, torch_weight)
