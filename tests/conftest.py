@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-# tests import their small shared builders (tiny.py, models.py, engines.py) by module name
+# tests import their small shared builders (tiny.py, zoo.py, engines.py) by module name
 sys.path.insert(0, str(Path(__file__).parent))
 
 

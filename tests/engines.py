@@ -1,5 +1,5 @@
 """What the tflite and torch backend tests share: the engines under test, the comparison with the
-numpy reference, and whole networks exported from torch.
+numpy reference, and whole networks exported from torch (the models themselves are in ``zoo.py``).
 
 Whole networks are exported with ``torch.onnx.export`` (TorchScript exporter, opset 17) and
 captured with ``graph_from_onnx`` (or ``stn_edge.host.export.capture``, which also folds
@@ -24,12 +24,12 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 from torch import nn  # noqa: E402
 
-from models import ONet  # noqa: E402
 from stn_edge.device.backends import get_backend  # noqa: E402
 from stn_edge.errors import BackendUnavailable  # noqa: E402
 from stn_edge.graph import Graph  # noqa: E402
 from stn_edge.host.capture import graph_from_onnx  # noqa: E402
 from stn_edge.host.export import capture  # noqa: E402
+from zoo import MLP, MobileBlocks, ONet, SmallCNN, TinyEncoder, randomize_norms  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -71,96 +71,6 @@ def assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], what: 
             np.testing.assert_array_equal(actual, expected, err_msg=f"{what} {name}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Networks
-# ------------------------------------------------------------------------------------------------
-
-
-class SmallCNN(nn.Module):
-    """Conv-BN-ReLU stem, a residual block, a strided conv (asymmetric SAME), GAP, Linear, Softmax."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                                   nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
-        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x):
-        h = self.stem(x)
-        h = torch.relu(h + self.block(h))
-        h = self.down(h).mean((2, 3))
-        return torch.softmax(self.head(h), dim=1)
-
-
-class MobileBlocks(nn.Module):
-    """MobileNetV2/V3 blocks: expand 1x1, depthwise 3x3 (stride 1 and 2, multiplier 2), ReLU6,
-    hardswish, squeeze-excitation with hardsigmoid, project 1x1, residual."""
-
-    def __init__(self, c: int = 8):
-        super().__init__()
-        h = 4 * c
-        self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
-        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.Hardswish())
-        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(h, h // 4, 1), nn.ReLU(), nn.Conv2d(h // 4, h, 1),
-                                nn.Hardsigmoid())
-        self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
-        self.down = nn.Sequential(nn.Conv2d(c, 2 * c, 3, 2, 1, groups=c), nn.BatchNorm2d(2 * c), nn.ReLU6(),
-                                  nn.Conv2d(2 * c, 16, 1), nn.Hardswish())
-
-    def forward(self, x):
-        y = self.dw(self.expand(x))
-        x = x + self.project(y * self.se(y))
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.down(x), 1), 1)
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(20, 64), nn.GELU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 32),
-                                 nn.LeakyReLU(0.1), nn.Linear(32, 8), nn.Sigmoid())
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class TinyEncoder(nn.Module):
-    """Embeddings (Gather), LayerNorm, masked attention with a fused qkv chunked in three (Split),
-    GELU MLP, the first token (Gather of a scalar index), tanh pooler."""
-
-    def __init__(self, vocab: int = 50, dim: int = 32, heads: int = 4, seq: int = 10):
-        super().__init__()
-        self.heads = heads
-        self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(seq, dim)
-        self.ln0, self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        self.pool = nn.Linear(dim, dim)
-
-    def forward(self, ids, mask):
-        b, t = ids.shape
-        h = self.ln0(self.tok(ids) + self.pos(torch.arange(t).unsqueeze(0)))
-        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(h).chunk(3, dim=-1))
-        scores = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5) + (1.0 - mask[:, None, None, :].float()) * -1e4
-        attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1)
-        h = self.ln1(h + self.out(attn))
-        h = self.ln2(h + self.mlp(h))
-        return torch.tanh(self.pool(h[:, 0]))
-
-
-def with_batchnorm_statistics(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so folding (or running) them is really tested."""
-    gen = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-    return model.eval()
-
-
 def _tokens(batch: int) -> tuple:
     ids = torch.randint(0, 50, (batch, 10), generator=torch.Generator().manual_seed(batch))
     mask = torch.ones(batch, 10, dtype=torch.int64)
@@ -197,7 +107,7 @@ def network(name: str) -> tuple[nn.Module, Graph]:
     if name not in _graphs:
         make, inputs, grab = NETWORKS[name]
         torch.manual_seed(0)
-        model = with_batchnorm_statistics(make())
+        model = randomize_norms(make())
         _graphs[name] = model, grab(model, inputs(2))
     return _graphs[name]
 

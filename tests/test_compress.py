@@ -7,7 +7,7 @@ import torch
 from stn_edge.device import Runtime
 from stn_edge.host import bake
 from stn_edge.host.compress import compress
-from models import DigitsMLP, load_digits, quick_train
+from zoo import DigitsMLP, load_digits, quick_train
 
 
 def test_compressed_module_matches_runtime_and_trains(tmp_path):

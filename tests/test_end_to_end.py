@@ -10,7 +10,7 @@ import torch
 from stn_edge.device import Runtime, relative_error
 from stn_edge.errors import BackendError, BudgetError, InputError
 from stn_edge.host import bake
-from models import DigitsMLP, DigitsResNet, ONet, lfw_faces, load_digits, pretrained, quick_train
+from zoo import DigitsMLP, DigitsResNet, ONet, lfw_faces, load_digits, pretrained, quick_train
 
 BUDGETS = ["100%", "50%", "25%", "10%"]
 BACKENDS = ["numpy", "onnxruntime"]

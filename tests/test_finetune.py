@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from stn_edge.host.finetune import BudgetSampledFinetuner
-from models import DigitsMLP, load_digits, quick_train
+from zoo import DigitsMLP, load_digits, quick_train
 
 
 def test_truncated_weight_is_svd_projection():

